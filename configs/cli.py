@@ -1,0 +1,107 @@
+"""Dataclass fields -> command-line flags, with one-line errors.
+
+``--config NAME`` picks a preset; every ``TrainingConfig`` field can then be
+overridden as ``--field-name VALUE`` (booleans as ``--flag/--no-flag``).
+Bad input exits 2 with a single line that names the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from dataclasses import fields, replace
+
+from configs.model_config import MODEL_SIZES
+from configs.training_config import PRESETS, TrainingConfig
+
+BUCKET_ENV = "HARNESS_BUCKET"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is one line naming it and the fix."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are a single line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message += " (run with --help to list the valid flags)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog=prog, allow_abbrev=False,
+                            description="Pretrain or fine-tune GPT-NeoX; see README.md.")
+    parser.add_argument("--config", default="smoke", choices=sorted(PRESETS),
+                        help="preset to start from (default: smoke)")
+    parser.add_argument("--validate", action="store_true",
+                        help="run the preflight checks and exit")
+    hints = typing.get_type_hints(TrainingConfig)
+    for field in fields(TrainingConfig):
+        kind = hints[field.name]
+        flag = _flag(field.name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper())
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> tuple[TrainingConfig, argparse.Namespace]:
+    """Parse argv into a validated config; exits 2 with one line on bad input."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainingConfig)
+                 if getattr(args, f.name) is not None}
+    config = replace(PRESETS[args.config], **overrides)
+    if not config.bucket and config.sync_data:
+        config.bucket = os.environ.get(BUCKET_ENV, "")
+    try:
+        validate(config, args.config)
+    except ConfigError as err:
+        parser.exit(2, f"{prog}: error: {err}\n")
+    return config, args
+
+
+def validate(config: TrainingConfig, preset_name: str = "") -> None:
+    """Reject configs that would fail later, with a message that says what to change."""
+    if config.model not in MODEL_SIZES:
+        raise ConfigError(f"unknown model {config.model!r}; choose one of: {', '.join(MODEL_SIZES)}")
+    positive = ("seq_len", "max_steps", "per_device_train_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be a positive integer, got {getattr(config, name)}")
+    for name in ("max_files", "warmup_steps", "num_workers", "eval_windows", "save_total_limit"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
+    if not config.learning_rate > 0:
+        raise ConfigError(f"--learning-rate must be > 0, got {config.learning_rate}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ConfigError(f"--min-lr-ratio must be within [0, 1], got {config.min_lr_ratio}")
+    max_pos = MODEL_SIZES[config.model].max_position_embeddings
+    if config.seq_len > max_pos:
+        raise ConfigError(f"--seq-len {config.seq_len} exceeds model {config.model}'s "
+                          f"{max_pos} positions; lower --seq-len or pick a larger --model")
+    if config.sync_data and not config.bucket:
+        where = f"preset {preset_name!r}" if preset_name else "this config"
+        raise ConfigError(f"{where} syncs data from a bucket but none is set: pass "
+                          f"--bucket gs://NAME/PREFIX (or a local directory), set ${BUCKET_ENV}, "
+                          f"or use --no-sync-data with data already in --data-dir")
+    if not config.run_name:
+        raise ConfigError("--run-name must not be empty")
+
+
+def main_usage_error(prog: str, message: str) -> typing.NoReturn:
+    """Exit 2 with one line, the way the parser does, for errors found after parsing."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    raise SystemExit(2)

@@ -1,0 +1,79 @@
+"""GPT-NeoX sizes, mapped onto transformers' ``GPTNeoXConfig``.
+
+Both backends read the ``config.json`` this produces: transformers through
+``GPTNeoXConfig``, mlx-lm through its ``gpt_neox`` module, which hard-codes the
+MLP at 4x hidden and tanh GELU and still reads ``rotary_pct``/``rotary_emb_base``
+(transformers 5 writes ``rope_parameters`` instead), so every size keeps the MLP
+at 4x and ``to_hf_config`` writes both spellings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import GPTNeoXConfig
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int = 50257
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rotary_emb_base: int = 10000
+
+    @property
+    def intermediate_size(self) -> int:
+        return 4 * self.hidden_size
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    # A few million parameters: trains usefully on a 2-core CPU in a minute.
+    "tiny": ModelSize(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      max_position_embeddings=512),
+    "small": ModelSize(hidden_size=512, num_hidden_layers=8, num_attention_heads=8),
+    "neox-160m": ModelSize(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "neox-410m": ModelSize(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "neox-1.2b": ModelSize(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16),
+}
+
+
+def to_hf_config(
+    size: ModelSize,
+    vocab_size: int | None = None,
+    bos_token_id: int = 0,
+    eos_token_id: int = 0,
+    pad_token_id: int | None = None,
+) -> GPTNeoXConfig:
+    """Build the transformers config; ``vocab_size`` overrides the size's (from the tokenizer)."""
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size or size.vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_hidden_layers,
+        num_attention_heads=size.num_attention_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=size.max_position_embeddings,
+        rotary_pct=size.rotary_pct,
+        rotary_emb_base=size.rotary_emb_base,
+        hidden_act="gelu_new",
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    # Kept as plain attributes so they land in config.json for mlx-lm.
+    config.rotary_pct = size.rotary_pct
+    config.rotary_emb_base = size.rotary_emb_base
+    return config
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Total parameters and parameters without the (untied) input and output embeddings."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel()
+    embeddings += model.get_output_embeddings().weight.numel()
+    return total, total - embeddings

@@ -1,0 +1,92 @@
+"""One ``TrainingConfig`` dataclass and its presets: recipes as data.
+
+Every field is also a command-line flag under its own name with dashes
+(``configs/cli.py``), so a preset is only a set of defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+
+@dataclass
+class TrainingConfig:
+    # What to train.
+    model: str = "tiny"
+    seq_len: int = 256
+    # Where things live. ``bucket`` is a gs:// URL or a local directory ("" = none).
+    data_dir: str = "data/training"
+    bucket: str = ""
+    data_prefix: str = "training"
+    sync_data: bool = False
+    max_files: int = 0
+    credentials: str = ""
+    output_dir: str = ""
+    run_name: str = ""
+    # Optimisation.
+    max_steps: int = 200
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # Precision and speed.
+    mixed_precision: Literal["bf16", "fp16", "no"] = "no"
+    compile: bool = False
+    backend: Literal["torch", "mlx"] = "torch"
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    # Logging, evaluation, checkpoints.
+    logging_steps: int = 10
+    eval_steps: int = 100
+    eval_windows: int = 64
+    save_steps: int = 100
+    save_total_limit: int = 3
+    background_upload: bool = True
+    upload_timeout_s: float = 60.0
+    resume: str = ""
+    peak_tflops: float = 0.0
+
+    @property
+    def effective_output_dir(self) -> str:
+        return self.output_dir or f"outputs/{self.run_name}"
+
+
+PRESETS: dict[str, TrainingConfig] = {
+    # Tiny GPT-NeoX on the bundled sample, a local directory as the bucket:
+    # the whole harness end to end in about two minutes on 2 CPU cores.
+    "smoke": TrainingConfig(
+        run_name="smoke", data_dir="data/training/sample", bucket="bucket",
+        max_steps=150, per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=15,
+        logging_steps=10, eval_steps=50, eval_windows=32, save_steps=50,
+    ),
+    # The seed's TestConfig: the 1.2B model on a few files.
+    "test": TrainingConfig(
+        run_name="test", model="neox-1.2b", seq_len=2048, sync_data=True, max_files=5,
+        max_steps=1000, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=2e-4, warmup_steps=100, save_steps=200, logging_steps=25,
+        eval_steps=200, mixed_precision="bf16", compile=True,
+    ),
+    # The seed's ProductionConfig: all files, bucket from a flag or $HARNESS_BUCKET.
+    "production": TrainingConfig(
+        run_name="production", model="neox-1.2b", seq_len=2048, sync_data=True,
+        max_steps=10000, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        learning_rate=2e-4, warmup_steps=500, save_steps=500, logging_steps=100,
+        eval_steps=500, mixed_precision="bf16", compile=True, num_workers=4, prefetch_factor=4,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> TrainingConfig:
+    """A copy of a preset with overrides applied (``KeyError`` for an unknown name)."""
+    return replace(PRESETS[name], **overrides)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainingConfig))

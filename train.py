@@ -1,0 +1,388 @@
+"""Pretrain GPT-NeoX with accelerate: parse -> build -> sync data -> loop -> save/upload -> summary.
+
+    python train.py --config smoke                       # debug, one process
+    accelerate launch train.py --config production ...   # DDP / FSDP / multi-node
+    ./start_training.sh --config production --gpus 8     # the same, set up for you
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from configs.cli import parse_args
+from configs.model_config import MODEL_SIZES, count_parameters, to_hf_config
+from configs.training_config import TrainingConfig
+from utils import checkpoint
+from utils.checkpoint import CheckpointError, TrainState
+from utils.data_utils import (DataError, DataPosition, TokenWindows, WindowBatchSampler,
+                              find_shards, make_torch_loader, read_dataset_meta,
+                              train_eval_split)
+from utils.lr_schedule import lr_factor
+from utils.metrics import (MetricsWriter, ThroughputMeter, device_peak_flops, flops_per_token,
+                           format_eta, memory_gib, summary_table)
+from utils.optim import build_adamw
+from utils.signals import PreemptionHandler
+from utils.uploader import CheckpointPublisher
+
+
+class TrainingError(RuntimeError):
+    """Stops the run with one readable line (NaN loss, bad resume target, ...)."""
+
+
+# ------------------------------------------------------------------ building blocks
+
+def build_model(config: TrainingConfig, meta: dict | None):
+    """GPT-NeoX from config (never downloaded); vocab and special ids from the dataset's tokenizer."""
+    from transformers import GPTNeoXForCausalLM
+
+    meta = meta or {}
+    hf_config = to_hf_config(
+        MODEL_SIZES[config.model], vocab_size=meta.get("vocab_size"),
+        bos_token_id=meta.get("bos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0),
+        pad_token_id=meta.get("pad_token_id"))
+    return GPTNeoXForCausalLM(hf_config)
+
+
+def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over a window of seq_len+1 tokens (fp32 logits for stability)."""
+    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"dynamo does not support Python {sys.version_info.major}.{sys.version_info.minor}"
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler on the CPU and none is installed"
+    return None
+
+
+def sync_training_data(config: TrainingConfig, accelerator: Accelerator) -> None:
+    """One process per node downloads (skip-existing); the others wait at the barrier."""
+    if not config.sync_data:
+        return
+    if accelerator.is_local_main_process:
+        from utils.storage import open_store, sync_down
+
+        store = open_store(config.bucket, credentials=config.credentials or None)
+        result = sync_down(store.child(config.data_prefix), Path(config.data_dir),
+                           max_files=config.max_files or None)
+        print(result.summary("downloaded"))
+        if result.failed:
+            raise TrainingError(f"{len(result.failed)} data files failed to sync from "
+                                f"{store.url}/{config.data_prefix}: {result.failed[0]}")
+    accelerator.wait_for_everyone()
+
+
+def open_checkpoint_store(config: TrainingConfig):
+    if not config.bucket:
+        return None
+    from utils.storage import open_store
+
+    return open_store(config.bucket, credentials=config.credentials or None)
+
+
+def resolve_resume(config: TrainingConfig, accelerator: Accelerator, local_root: Path,
+                   store) -> Path | None:
+    """The checkpoint to resume from: newest complete one (local or bucket) or a named one."""
+    if not config.resume:
+        return None
+    remote_prefix = f"checkpoints/{config.run_name}"
+    if accelerator.is_local_main_process:
+        local = {p.name for p in checkpoint.find_complete(local_root)}
+        remote = _remote_complete(store, remote_prefix) if store else []
+        if config.resume == "latest":
+            candidates = sorted(set(remote) | local, key=checkpoint.step_of)
+            wanted = candidates[-1] if candidates else None
+        else:
+            wanted = config.resume
+            if wanted not in local and wanted not in remote:
+                raise TrainingError(
+                    f"no complete checkpoint named {wanted!r} for run {config.run_name!r}; "
+                    f"available: {', '.join(sorted(local | set(remote))) or 'none'}")
+        if wanted and wanted not in local:
+            _download_checkpoint(store, f"{remote_prefix}/{wanted}", local_root / wanted)
+    accelerator.wait_for_everyone()
+    if config.resume == "latest":
+        found = checkpoint.find_complete(local_root)
+        return found[-1] if found else None
+    return local_root / config.resume
+
+
+def _remote_complete(store, prefix: str) -> list[str]:
+    names = [o.name.split("/")[0] for o in store.child(prefix).list()
+             if o.name.endswith("/" + checkpoint.MARKER)]
+    return [n for n in names if checkpoint.step_of(n) is not None]
+
+
+def _download_checkpoint(store, prefix: str, dest: Path) -> None:
+    """Download into a temporary folder, verify, then rename: never a half-copied checkpoint."""
+    from utils.storage import sync_down
+
+    tmp = dest.parent / f".tmp-download-{dest.name}"
+    sync_down(store.child(prefix), tmp)
+    problem = checkpoint.verify(tmp, hashes=True)
+    if problem:
+        raise TrainingError(f"checkpoint {store.url}/{prefix} downloaded but {problem}")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+
+
+@torch.no_grad()
+def evaluate(model, windows: TokenWindows, indices, batch_size: int,
+             accelerator: Accelerator) -> float:
+    """Mean loss over this rank's share of the held-out windows, averaged over all ranks."""
+    model.eval()
+    mine = indices[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        batch = torch.from_numpy(np.stack([windows[i] for i in chunk])).to(accelerator.device)
+        total += torch.tensor([causal_lm_loss(model, batch).item() * len(chunk), len(chunk)],
+                              device=accelerator.device, dtype=torch.float64)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ------------------------------------------------------------------ the run
+
+def train(config: TrainingConfig) -> dict:
+    output_dir = Path(config.effective_output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard", project_dir=str(output_dir / "logs"),
+        step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
+    )
+    say = accelerator.print
+    set_seed(config.seed)
+
+    # Data: sync from the bucket (skip-existing), then fixed windows split across ranks.
+    sync_training_data(config, accelerator)
+    shards = find_shards(Path(config.data_dir), max_files=config.max_files or None)
+    windows = TokenWindows(shards, config.seq_len, root=Path(config.data_dir))
+    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
+    meta = read_dataset_meta(Path(config.data_dir))
+
+    # Model, optimizer, schedule; prepare() first, then compile.
+    model = build_model(config, meta)
+    total_params, non_embedding = count_parameters(model)
+    if meta and meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise TrainingError("dataset vocabulary is larger than the model's")
+    optimizer = build_adamw(model.to(accelerator.device), config.learning_rate,
+                            config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                            config.adam_epsilon)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+        min_ratio=config.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if config.compile:
+        reason = compile_unavailable(accelerator.device)
+        if reason:
+            say(f"torch.compile unavailable ({reason}); running eager")
+        else:
+            model = torch.compile(model)
+
+    # Checkpoints: local folder, bucket, resume.
+    ckpt_root = output_dir / "checkpoints"
+    store = open_checkpoint_store(config)
+    resume_from = resolve_resume(config, accelerator, ckpt_root, store)
+    world = accelerator.num_processes
+    state = TrainState(num_files=len(shards), world_size=world,
+                       global_batch_windows=config.per_device_train_batch_size * world)
+    if resume_from is not None:
+        saved = checkpoint.load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
+        if saved.global_batch_windows != state.global_batch_windows:
+            say(f"note: global batch changed ({saved.global_batch_windows} -> "
+                f"{state.global_batch_windows} windows); data order kept by window offset")
+        state.step, state.tokens_seen, state.position = saved.step, saved.tokens_seen, saved.position
+        say(f"resumed from {resume_from} at step {state.step}")
+    elif config.resume:
+        say("no complete checkpoint found: starting from scratch")
+
+    sampler = WindowBatchSampler(train_idx, config.per_device_train_batch_size,
+                                 accelerator.process_index, world, config.seed, state.position)
+    loader = make_torch_loader(windows, sampler, config.num_workers, config.prefetch_factor,
+                               pin_memory=accelerator.device.type == "cuda")
+    batches = iter(loader)
+
+    tokens_per_step = (config.per_device_train_batch_size * world
+                       * config.gradient_accumulation_steps * config.seq_len)
+    hf_config = accelerator.unwrap_model(model).config
+    meter = ThroughputMeter(
+        flops_per_token(non_embedding, hf_config.num_hidden_layers, hf_config.hidden_size,
+                        config.seq_len, output_embedding_params=hf_config.vocab_size
+                        * hf_config.hidden_size),
+        device_peak_flops(accelerator.device, config.peak_tflops), world)
+    say(f"model {config.model}: {total_params:,} parameters "
+        f"({non_embedding:,} without embeddings), vocab {hf_config.vocab_size}")
+    say(f"batch: {config.per_device_train_batch_size} per device x "
+        f"{config.gradient_accumulation_steps} accumulation x {world} processes = "
+        f"{state.global_batch_windows * config.gradient_accumulation_steps} sequences "
+        f"({tokens_per_step:,} tokens) per optimizer step; {len(shards)} files, "
+        f"{len(train_idx):,} training windows, {len(eval_idx)} held out")
+
+    # Logging and uploads happen on the global main process only.
+    metrics = None
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.run_name, config=_flat(asdict(config)))
+        metrics = MetricsWriter(output_dir / "metrics.jsonl", start_step=state.step)
+    publisher = CheckpointPublisher(
+        store if accelerator.is_main_process else None, f"checkpoints/{config.run_name}",
+        background=config.background_upload and accelerator.is_main_process,
+        keep_local=config.save_total_limit, log=say)
+    preemption = PreemptionHandler()
+
+    def save() -> Path:
+        path = checkpoint.save_checkpoint(accelerator, model, optimizer, scheduler, state,
+                                          asdict(config), ckpt_root)
+        if accelerator.is_main_process:
+            publisher.submit(path)
+        return path
+
+    model.train()
+    start_step, started = state.step, time.perf_counter()
+    last_loss = eval_loss = float("nan")
+    interval_loss = torch.zeros((), device=accelerator.device)
+    interval_steps = 0
+    grad_norm = torch.zeros((), device=accelerator.device)
+    saved_paths: list[Path] = []
+    stopped_early = False
+    bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    meter.reset()
+    while state.step < config.max_steps:
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(batches).to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss = causal_lm_loss(model, batch)
+                accelerator.backward(loss)
+            interval_loss += loss.detach() / config.gradient_accumulation_steps
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        interval_steps += 1
+        state.tokens_seen += tokens_per_step
+        state.position = sampler.position
+        meter.add(tokens_per_step)
+        bar.update(1)
+
+        log_now = state.step % config.logging_steps == 0 or state.step == config.max_steps
+        save_now = state.step % config.save_steps == 0 or state.step == config.max_steps
+        stop_now = _any_process(accelerator, preemption.requested)
+        if log_now or save_now or stop_now:
+            mean_loss = accelerator.reduce(interval_loss, reduction="mean").item()
+            mean_loss /= interval_steps
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"loss became {mean_loss} at step {state.step}: stopping without saving "
+                    f"(lower --learning-rate, or check the data); the last complete "
+                    f"checkpoint is still in {ckpt_root}")
+        if log_now:
+            last_loss = mean_loss
+            record = {"step": state.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "epoch": state.position.epoch,
+                      "tokens_seen": state.tokens_seen, **meter.read(),
+                      "memory_gib": memory_gib(accelerator.device)}
+            record["step_time_s"] /= interval_steps
+            record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
+            if state.step % config.eval_steps == 0 or state.step == config.max_steps:
+                eval_loss = record["eval_loss"] = evaluate(
+                    model, windows, eval_idx, config.per_device_train_batch_size, accelerator)
+            if metrics:
+                metrics.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"},
+                                step=state.step)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            eta=format_eta(record["eta_s"]))
+            interval_loss.zero_()
+            interval_steps = 0
+            meter.reset()  # eval time is not training throughput
+        if save_now or stop_now:
+            saved_paths.append(save())
+            meter.reset()
+        if stop_now:
+            stopped_early = True
+            say(f"stopping at step {state.step} on request; checkpoint {saved_paths[-1].name}")
+            break
+    bar.close()
+
+    elapsed = time.perf_counter() - started
+    uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early else None)
+    accelerator.end_training()
+    trained_tokens = state.tokens_seen - start_step * tokens_per_step
+    summary = {
+        "steps": state.step, "final_loss": last_loss, "eval_loss": eval_loss,
+        "tokens": state.tokens_seen, "seconds": elapsed,
+        "tokens_per_s": trained_tokens / max(elapsed, 1e-9),
+        "checkpoints": [p.name for p in saved_paths], "uploads_complete": uploads_done,
+        "stopped_early": stopped_early,
+    }
+    say(summary_table([
+        ("run", f"{config.run_name} ({config.model}, {world} process(es))"),
+        ("steps", f"{start_step} -> {state.step} of {config.max_steps}"),
+        ("tokens", f"{state.tokens_seen:,}"),
+        ("time", format_eta(elapsed)),
+        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("final loss", f"{last_loss:.4f}"),
+        ("eval loss", f"{eval_loss:.4f}"),
+        ("checkpoints", f"{len(saved_paths)} in {ckpt_root}"),
+        ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
+        ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
+    ]))
+    return summary
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if any process was asked to stop (signals may reach only one)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return accelerator.reduce(value, reduction="sum").item() > 0
+
+
+def _flat(config: dict) -> dict:
+    """TensorBoard's hparams take scalars and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    if args.validate:
+        from utils.preflight import run_preflight
+
+        return run_preflight(config)
+    if config.backend == "mlx":
+        from mlx_train import train as mlx_train
+
+        mlx_train(config)
+        return 0
+    try:
+        train(config)
+    except (DataError, CheckpointError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Throughput, MFU, memory and ETA, written to TensorBoard and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) by GPU name substring; first match wins,
+# so more specific names come first.
+GPU_PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16: V100 has no bf16
+    ("T4", 65e12),     # fp16
+)
+
+
+def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """The device's dense peak in FLOP/s, or None where it is not known (MFU is then omitted)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_BF16 if key in name), None)
+
+
+def flops_per_token(non_embedding_params: int, num_layers: int, hidden: int, seq_len: int,
+                    output_embedding_params: int = 0) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12*L*H*T for attention scores.
+
+    N counts the output head (a matmul) but not the input embedding (a lookup).
+    """
+    n = non_embedding_params + output_embedding_params
+    return 6.0 * n + 12.0 * num_layers * hidden * seq_len
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's resident set on other devices."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class ThroughputMeter:
+    """Tokens/s and MFU over the interval since the last ``read``."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, num_devices: int):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.num_devices = num_devices
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def reset(self) -> None:
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def read(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        out = {"tokens_per_s": tokens_per_s, "step_time_s": elapsed}
+        if self.peak_flops:
+            achieved = tokens_per_s * self.flops_per_token
+            out["mfu"] = achieved / (self.peak_flops * self.num_devices)
+        self.reset()
+        return out
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step; the caller sends the same dict to TensorBoard.
+
+    Only the global main process writes, so the file has one line per step.
+    """
+
+    def __init__(self, path: Path, start_step: int = 0):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_steps_after(start_step)
+
+    def _drop_steps_after(self, step: int) -> None:
+        """On resume, forget lines logged after the checkpoint so each step appears once."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column table for the end-of-run summary."""
+    width = max(len(key) for key, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    body = "\n".join(f"{key:<{width}} | {value}" for key, value in rows)
+    return f"{line}\n{body}\n{line}"
