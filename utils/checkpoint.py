@@ -193,19 +193,20 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt_dir: Path) ->
     Nothing here unpickles code: safetensors for weights, ``weights_only=True`` for
     the rest, JSON for metadata.
     """
-    from safetensors.torch import load_file
-
     problem = verify(ckpt_dir, hashes=True)
     if problem:
         raise CheckpointError(f"checkpoint {ckpt_dir} is not usable: {problem}; "
                               f"resume from another one (--resume latest skips it)")
-    weights = load_file(ckpt_dir / "model.safetensors", device="cpu")
     unwrapped = accelerator.unwrap_model(model)
-    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k in dict(unwrapped.named_parameters())]:
+    # from_pretrained applies transformers' own key conversions (embed_out <-> lm_head).
+    saved_model = type(unwrapped).from_pretrained(ckpt_dir, dtype=torch.float32)
+    try:
+        unwrapped.load_state_dict(saved_model.state_dict())
+    except RuntimeError as err:
         raise CheckpointError(f"checkpoint {ckpt_dir} does not match the model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                              f"resume with the same --model as the run that wrote it")
+                              f"({str(err).splitlines()[0]}): resume with the same --model "
+                              f"as the run that wrote it") from None
+    del saved_model
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (ckpt_dir / "scaler.pt").exists():
