@@ -18,24 +18,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from configs.cli import parse_args
-from configs.model_config import MODEL_SIZES, count_parameters, to_hf_config
+from configs.model_config import count_parameters
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint import CheckpointError, TrainState
-from utils.data_utils import (DataError, DataPosition, TokenWindows, WindowBatchSampler,
-                              find_shards, make_torch_loader, read_dataset_meta,
-                              train_eval_split)
+from utils.data_utils import (
+    DataError,
+    TokenWindows,
+    WindowBatchSampler,
+    find_shards,
+    make_torch_loader,
+    read_dataset_meta,
+    train_eval_split,
+)
 from utils.lr_schedule import lr_factor
-from utils.metrics import (MetricsWriter, ThroughputMeter, device_peak_flops, flops_per_token,
-                           format_eta, memory_gib, summary_table)
+from utils.metrics import (
+    MetricsWriter,
+    ThroughputMeter,
+    device_peak_flops,
+    flops_per_token,
+    format_eta,
+    memory_gib,
+    summary_table,
+)
+from utils.modeling import build_model, causal_lm_loss, compile_unavailable
 from utils.optim import build_adamw
 from utils.signals import PreemptionHandler
+from utils.storage import StorageError
 from utils.uploader import CheckpointPublisher
 
 
@@ -44,33 +58,6 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------ building blocks
-
-def build_model(config: TrainingConfig, meta: dict | None):
-    """GPT-NeoX from config (never downloaded); vocab and special ids from the dataset's tokenizer."""
-    from transformers import GPTNeoXForCausalLM
-
-    meta = meta or {}
-    hf_config = to_hf_config(
-        MODEL_SIZES[config.model], vocab_size=meta.get("vocab_size"),
-        bos_token_id=meta.get("bos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0),
-        pad_token_id=meta.get("pad_token_id"))
-    return GPTNeoXForCausalLM(hf_config)
-
-
-def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over a window of seq_len+1 tokens (fp32 logits for stability)."""
-    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why torch.compile cannot run here, or None."""
-    if not torch._dynamo.is_dynamo_supported():
-        return f"dynamo does not support Python {sys.version_info.major}.{sys.version_info.minor}"
-    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-        return "inductor needs a C++ compiler on the CPU and none is installed"
-    return None
-
 
 def sync_training_data(config: TrainingConfig, accelerator: Accelerator) -> None:
     """One process per node downloads (skip-existing); the others wait at the barrier."""
@@ -89,12 +76,16 @@ def sync_training_data(config: TrainingConfig, accelerator: Accelerator) -> None
     accelerator.wait_for_everyone()
 
 
-def open_checkpoint_store(config: TrainingConfig):
+def open_checkpoint_store(config: TrainingConfig, accelerator: Accelerator):
+    """The bucket for checkpoints, checked for write access now rather than after hours."""
     if not config.bucket:
         return None
     from utils.storage import open_store
 
-    return open_store(config.bucket, credentials=config.credentials or None)
+    store = open_store(config.bucket, credentials=config.credentials or None)
+    if accelerator.is_main_process:
+        store.check_access(write=True)  # also creates the embedded local bucket directory
+    return store
 
 
 def resolve_resume(config: TrainingConfig, accelerator: Accelerator, local_root: Path,
@@ -201,17 +192,24 @@ def train(config: TrainingConfig) -> dict:
 
     # Checkpoints: local folder, bucket, resume.
     ckpt_root = output_dir / "checkpoints"
-    store = open_checkpoint_store(config)
+    store = open_checkpoint_store(config, accelerator)
     resume_from = resolve_resume(config, accelerator, ckpt_root, store)
     world = accelerator.num_processes
-    state = TrainState(num_files=len(shards), world_size=world,
+    state = TrainState(num_files=len(shards), train_windows=len(train_idx), world_size=world,
                        global_batch_windows=config.per_device_train_batch_size * world)
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
+        if (saved.num_files, saved.train_windows) != (len(shards), len(train_idx)):
+            raise TrainingError(
+                f"{resume_from.name} was trained on {saved.num_files} files / "
+                f"{saved.train_windows} windows, this run has {len(shards)} / {len(train_idx)}: "
+                f"resuming would change the data order; use the same data, --max-files and "
+                f"--seq-len, or start a new --run-name")
         if saved.global_batch_windows != state.global_batch_windows:
             say(f"note: global batch changed ({saved.global_batch_windows} -> "
                 f"{state.global_batch_windows} windows); data order kept by window offset")
-        state.step, state.tokens_seen, state.position = saved.step, saved.tokens_seen, saved.position
+        state.step, state.tokens_seen = saved.step, saved.tokens_seen
+        state.position = saved.position
         say(f"resumed from {resume_from} at step {state.step}")
     elif config.resume:
         say("no complete checkpoint found: starting from scratch")
@@ -326,7 +324,8 @@ def train(config: TrainingConfig) -> dict:
     bar.close()
 
     elapsed = time.perf_counter() - started
-    uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early else None)
+    uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early
+                                   else config.final_upload_timeout_s)
     accelerator.end_training()
     trained_tokens = state.tokens_seen - start_step * tokens_per_step
     summary = {
@@ -377,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(config)
-    except (DataError, CheckpointError, TrainingError) as err:
+    except (DataError, CheckpointError, TrainingError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import typing
 from dataclasses import fields, replace
 
@@ -56,7 +55,8 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> tuple[TrainingConfig, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None,
+               prog: str = "train.py") -> tuple[TrainingConfig, argparse.Namespace]:
     """Parse argv into a validated config; exits 2 with one line on bad input."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -75,12 +75,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "train.py") -> tuple[T
 def validate(config: TrainingConfig, preset_name: str = "") -> None:
     """Reject configs that would fail later, with a message that says what to change."""
     if config.model not in MODEL_SIZES:
-        raise ConfigError(f"unknown model {config.model!r}; choose one of: {', '.join(MODEL_SIZES)}")
+        raise ConfigError(f"unknown model {config.model!r}; "
+                          f"choose one of: {', '.join(MODEL_SIZES)}")
     positive = ("seq_len", "max_steps", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps")
     for name in positive:
         if getattr(config, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be a positive integer, got {getattr(config, name)}")
+            raise ConfigError(f"{_flag(name)} must be a positive integer, "
+                              f"got {getattr(config, name)}")
     for name in ("max_files", "warmup_steps", "num_workers", "eval_windows", "save_total_limit"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
@@ -99,9 +101,3 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           f"or use --no-sync-data with data already in --data-dir")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
-
-
-def main_usage_error(prog: str, message: str) -> typing.NoReturn:
-    """Exit 2 with one line, the way the parser does, for errors found after parsing."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    raise SystemExit(2)

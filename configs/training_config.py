@@ -50,7 +50,8 @@ class TrainingConfig:
     save_steps: int = 100
     save_total_limit: int = 3
     background_upload: bool = True
-    upload_timeout_s: float = 60.0
+    upload_timeout_s: float = 60.0  # bounded wait for uploads after SIGTERM
+    final_upload_timeout_s: float = 3600.0  # at the normal end of training
     resume: str = ""
     peak_tflops: float = 0.0
 

@@ -44,6 +44,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     num_files: int = 0
+    train_windows: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     world_size: int = 1
     global_batch_windows: int = 0

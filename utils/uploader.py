@@ -65,14 +65,15 @@ class CheckpointPublisher:
         with tqdm(total=total, desc="uploading checkpoints", unit="ckpt",
                   disable=total == 0) as bar:
             while self.pending:
-                bar.n = total - len(self.pending)
-                bar.refresh()
+                done = total - len(self.pending)
+                if done != bar.n:
+                    bar.update(done - bar.n)
                 if deadline is not None and time.monotonic() > deadline:
                     self.log(f"gave up waiting for uploads after {timeout:.0f} s; not uploaded: "
                              f"{', '.join(self.pending)} (complete locally; rerun to upload)")
                     return False
                 time.sleep(0.05)
-            bar.n = total
+            bar.update(total - bar.n)
         return True
 
     def close(self, timeout: float | None = None) -> bool:

@@ -1,0 +1,158 @@
+"""download_training_data.py as a real subprocess, against the emulator and a local directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from gcs_emulator import FaultProxy, GcsEmulator
+
+from utils.storage import CACHE_FILE, open_store, sync_up
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "download_training_data.py"
+FILES = {
+    "corpus/a/part-000.txt": b"alpha " * 5000,
+    "corpus/a/part-001.txt": b"beta " * 3000,
+    "corpus/b/deep/part-000.txt": b"gamma " * 100,
+    "README.txt": b"read me",
+}
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Run:
+    """Run the CLI from an unrelated cwd with the current environment (emulator host included)."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), "--no-progress", *args],
+            cwd=tmp_path, env=env or dict(os.environ), capture_output=True, text=True,
+            timeout=120, check=False,
+        )
+
+    return run
+
+
+def _fill(root: Path) -> Path:
+    for name, data in FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _assert_synced(dest: Path) -> None:
+    for name, data in FILES.items():
+        assert (dest / name).read_bytes() == data
+    assert not [p for p in dest.rglob("*") if ".part-" in p.name]
+
+
+def test_cli_against_emulator(gcs_bucket: str, tmp_path: Path, run_cli: Run) -> None:
+    sync_up(_fill(tmp_path / "src"), open_store(gcs_bucket), "datasets/v1", progress=False)
+    dest = tmp_path / "dest"
+    url = f"{gcs_bucket}/datasets/v1"
+    first = run_cli("--bucket", url, "--dest", str(dest), "--workers", "3")
+    assert first.returncode == 0, first.stderr
+    total_mb = sum(len(d) for d in FILES.values()) / 1e6
+    assert first.stdout.strip() == f"downloaded 4 ({total_mb:.1f} MB), skipped 0, failed 0"
+    _assert_synced(dest)
+    assert (dest / CACHE_FILE).is_file()
+
+    second = run_cli("--bucket", url, "--dest", str(dest))
+    assert second.returncode == 0 and second.stdout.strip() == (
+        "downloaded 0 (0.0 MB), skipped 4, failed 0"
+    )
+    verify = run_cli("--bucket", url, "--dest", str(dest), "--verify")
+    assert verify.stdout.strip() == "downloaded 0 (0.0 MB), skipped 4, failed 0"
+
+
+def test_cli_prefix_max_files_dry_run(gcs_bucket: str, tmp_path: Path, run_cli: Run) -> None:
+    sync_up(_fill(tmp_path / "src"), open_store(gcs_bucket), progress=False)
+    dest = tmp_path / "dest"
+    dry = run_cli("--bucket", gcs_bucket, "--dest", str(dest), "--prefix", "corpus/", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.startswith("dry run: would have downloaded 3 ")
+    assert not dest.exists()
+    some = run_cli("--bucket", gcs_bucket, "--dest", str(dest), "--prefix", "corpus/",
+                   "--max-files", "2")
+    assert some.returncode == 0, some.stderr
+    got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.txt"))
+    assert got == ["corpus/a/part-000.txt", "corpus/a/part-001.txt"]
+
+
+@pytest.mark.parametrize("form", ["path", "file_url"])
+def test_cli_against_local_directory(form: str, tmp_path: Path, run_cli: Run) -> None:
+    bucket = _fill(tmp_path / "bucket")
+    url = str(bucket) if form == "path" else f"file://{bucket}"
+    dest = tmp_path / "dest"
+    first = run_cli("--bucket", url, "--dest", str(dest))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("downloaded 4 ")
+    _assert_synced(dest)
+    (dest / "README.txt").write_bytes(b"read me")  # rewritten, same content: hashed, skipped
+    again = run_cli("--bucket", url, "--dest", str(dest))
+    assert again.stdout.strip() == "downloaded 0 (0.0 MB), skipped 4, failed 0"
+
+
+def test_cli_missing_bucket_one_line_and_local_files_untouched(
+    gcs_bucket: str, tmp_path: Path, run_cli: Run
+) -> None:
+    dest = _fill(tmp_path / "dest")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+    proc = run_cli("--bucket", "gs://no-such-bucket-anywhere/x", "--dest", str(dest),
+                   "--retry-deadline", "5")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "gs://no-such-bucket-anywhere" in lines[0] and "does not exist" in lines[0]
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dest.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_cli_access_denied_one_line(
+    gcs_bucket: str, gcs_emulator: GcsEmulator, tmp_path: Path, run_cli: Run
+) -> None:
+    proxy = FaultProxy(gcs_emulator.url, ["403"], "/o")
+    proxy.start()
+    try:
+        env = dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url)
+        proc = run_cli("--bucket", gcs_bucket, "--dest", str(tmp_path / "d"), env=env)
+    finally:
+        proxy.stop()
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "access denied (403)" in lines[0] and gcs_bucket in lines[0]
+
+
+def test_cli_failed_file_exits_1_and_finishes_the_rest(tmp_path: Path, run_cli: Run) -> None:
+    bucket = _fill(tmp_path / "bucket")
+    dest = tmp_path / "dest"
+    (dest / "README.txt").mkdir(parents=True)  # in the way of one file
+    proc = run_cli("--bucket", str(bucket), "--dest", str(dest))
+    assert proc.returncode == 1
+    assert proc.stdout.strip().endswith("skipped 0, failed 1")
+    assert proc.stderr.startswith("failed: README.txt: ")
+    assert (dest / "corpus/a/part-000.txt").read_bytes() == FILES["corpus/a/part-000.txt"]
+
+
+def test_cli_bad_arguments(tmp_path: Path, run_cli: Run) -> None:
+    proc = run_cli("--bucket", str(tmp_path), "--workers", "0")
+    assert proc.returncode == 2 and "--workers: 0 is not a positive integer" in proc.stderr
+    proc = run_cli("--bucket", "gs://some-bucket", "--credentials", "missing-key.json")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "missing-key.json (from --credentials) not found" in lines[0]
+
+
+def test_cli_without_any_credentials(tmp_path: Path, run_cli: Run) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), NO_GCE_CHECK="True")
+    proc = run_cli("--bucket", "gs://some-bucket", "--dest", str(tmp_path / "d"), env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1
+    assert "no usable Google credentials" in lines[0] and "--credentials" in lines[0]
