@@ -265,62 +265,68 @@ def train(config: TrainingConfig) -> dict:
     bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     meter.reset()
-    while state.step < config.max_steps:
-        for _ in range(config.gradient_accumulation_steps):
-            batch = next(batches).to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
-                loss = causal_lm_loss(model, batch)
-                accelerator.backward(loss)
-            interval_loss += loss.detach() / config.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        interval_steps += 1
-        state.tokens_seen += tokens_per_step
-        state.position = sampler.position
-        meter.add(tokens_per_step)
-        bar.update(1)
+    try:
+        while state.step < config.max_steps:
+            for _ in range(config.gradient_accumulation_steps):
+                batch = next(batches).to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = causal_lm_loss(model, batch)
+                    accelerator.backward(loss)
+                interval_loss += loss.detach() / config.gradient_accumulation_steps
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            interval_steps += 1
+            state.tokens_seen += tokens_per_step
+            state.position = sampler.position
+            meter.add(tokens_per_step)
+            bar.update(1)
 
-        log_now = state.step % config.logging_steps == 0 or state.step == config.max_steps
-        save_now = state.step % config.save_steps == 0 or state.step == config.max_steps
-        stop_now = _any_process(accelerator, preemption.requested)
-        if log_now or save_now or stop_now:
-            mean_loss = accelerator.reduce(interval_loss, reduction="mean").item()
-            mean_loss /= interval_steps
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"loss became {mean_loss} at step {state.step}: stopping without saving "
-                    f"(lower --learning-rate, or check the data); the last complete "
-                    f"checkpoint is still in {ckpt_root}")
-        if log_now:
-            last_loss = mean_loss
-            record = {"step": state.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": float(grad_norm), "epoch": state.position.epoch,
-                      "tokens_seen": state.tokens_seen, **meter.read(),
-                      "memory_gib": memory_gib(accelerator.device)}
-            record["step_time_s"] /= interval_steps
-            record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
-            if state.step % config.eval_steps == 0 or state.step == config.max_steps:
-                eval_loss = record["eval_loss"] = evaluate(
-                    model, windows, eval_idx, config.per_device_train_batch_size, accelerator)
-            if metrics:
-                metrics.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"},
-                                step=state.step)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            eta=format_eta(record["eta_s"]))
-            interval_loss.zero_()
-            interval_steps = 0
-            meter.reset()  # eval time is not training throughput
-        if save_now or stop_now:
-            saved_paths.append(save())
-            meter.reset()
-        if stop_now:
-            stopped_early = True
-            say(f"stopping at step {state.step} on request; checkpoint {saved_paths[-1].name}")
-            break
+            log_now = state.step % config.logging_steps == 0 or state.step == config.max_steps
+            save_now = state.step % config.save_steps == 0 or state.step == config.max_steps
+            stop_now = _any_process(accelerator, preemption.requested)
+            if log_now or save_now or stop_now:
+                mean_loss = accelerator.reduce(interval_loss, reduction="mean").item()
+                mean_loss /= interval_steps
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"loss became {mean_loss} at step {state.step}: stopping without saving "
+                        f"(lower --learning-rate, or check the data); the last complete "
+                        f"checkpoint is still in {ckpt_root}")
+            if log_now:
+                last_loss = mean_loss
+                record = {"step": state.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "epoch": state.position.epoch,
+                          "tokens_seen": state.tokens_seen, **meter.read(),
+                          "memory_gib": memory_gib(accelerator.device)}
+                record["step_time_s"] /= interval_steps
+                record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
+                if state.step % config.eval_steps == 0 or state.step == config.max_steps:
+                    eval_loss = record["eval_loss"] = evaluate(
+                        model, windows, eval_idx, config.per_device_train_batch_size, accelerator)
+                if metrics:
+                    metrics.write(record)
+                    accelerator.log({k: v for k, v in record.items() if k != "step"},
+                                    step=state.step)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                eta=format_eta(record["eta_s"]))
+                interval_loss.zero_()
+                interval_steps = 0
+                meter.reset()  # eval time is not training throughput
+            if save_now or stop_now:
+                saved_paths.append(save())
+                meter.reset()
+            if stop_now:
+                stopped_early = True
+                say(f"stopping at step {state.step} on request; checkpoint {saved_paths[-1].name}")
+                break
+    except BaseException:
+        bar.close()
+        say("run aborted: waiting for uploads of earlier checkpoints")
+        publisher.close(timeout=config.upload_timeout_s)
+        raise
     bar.close()
 
     elapsed = time.perf_counter() - started

@@ -33,3 +33,30 @@ def gcs_bucket(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> st
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     return gcs_emulator.create_bucket(f"test-bucket-{next(_bucket_ids)}")
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ~1 MB real-text corpus prepared once per session; returns its data directory."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("sample")
+    subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(root / "data"),
+                    "--tokenizer-out", str(root / "tokenizer"), "--max-mb", "1"],
+                   cwd=REPO, check=True, capture_output=True)
+    return root / "data"
+
+
+def run_train(*args: str, tmp_path: Path, timeout: float = 300, env: dict | None = None,
+              script: str = "train.py"):
+    """Run the real CLI as a subprocess (one OpenMP thread: tests share 2 cores)."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, check=False)

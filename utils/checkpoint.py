@@ -5,32 +5,42 @@ Layout of ``checkpoint-epoch{E}-step{S}-files{F}/``::
     config.json, model.safetensors   -> GPTNeoXForCausalLM.from_pretrained(dir) loads it as is
     optimizer.pt, scheduler.pt       -> torch.load(weights_only=True): tensors and numbers only
     scaler.pt (fp16 only)
-    rng_state_{rank}.pt              -> every rank's torch RNG (python/numpy states are in JSON)
-    trainer_state.json               -> step, data position, tokens seen, config, world size
+    rng_state_{rank}.pt              -> every rank's python, numpy, torch and CUDA RNG states
+    trainer_state.json               -> step, epoch, data position, tokens seen, config
     COMPLETE.json                    -> manifest (name, size, crc32c of every file), written LAST
 
-A directory without a valid ``COMPLETE.json`` never counts: ``find_complete`` skips
-it, so a crash at any moment leaves at worst an ignored directory.
+A directory without a valid ``COMPLETE.json`` never counts: ``find_complete`` skips it, so a
+crash at any moment leaves at worst an ignored directory. The same marker-last rule holds in
+the bucket (see ``utils/uploader.py``), and resuming re-checks every checksum, so a checkpoint
+corrupted after it was written is skipped rather than loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from utils.data_utils import DataPosition
+from utils.data_utils import DataError, DataPosition
+from utils.storage import StorageError, Store, file_crc32c, sync_down
 
 MARKER = "COMPLETE.json"
 _NAME = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
+_TMP_PREFIX = ".tmp-"
+# What a checkpoint must hold to be loadable; the weights are one file or an index of shards.
+REQUIRED = ("config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 class CheckpointError(RuntimeError):
@@ -70,18 +80,26 @@ def step_of(name: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
+def _by_step(name: str) -> tuple[int, str]:
+    return step_of(name) or 0, name
+
+
 # ---------------------------------------------------------------- manifest
 
 def write_manifest(ckpt_dir: Path) -> None:
-    """Hash and fsync every file, then write the marker atomically: the checkpoint now counts."""
-    from utils.storage import file_crc32c
+    """Hash and fsync every file, then write the marker atomically: the checkpoint now counts.
 
+    Hidden files (a leftover ``.COMPLETE.json.tmp``, a sync cache) are not part of it: stores
+    never list them, so a manifest naming one could never be verified remotely.
+    """
     files = {}
-    for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MARKER):
+    for path in sorted(ckpt_dir.rglob("*")):
+        rel = path.relative_to(ckpt_dir).as_posix()
+        if not path.is_file() or rel == MARKER or any(p.startswith(".") for p in rel.split("/")):
+            continue
         with path.open("rb") as f:
             os.fsync(f.fileno())
-        files[path.relative_to(ckpt_dir).as_posix()] = {
-            "size": path.stat().st_size, "crc32c": file_crc32c(path)}
+        files[rel] = {"size": path.stat().st_size, "crc32c": file_crc32c(path)}
     tmp = ckpt_dir / f".{MARKER}.tmp"
     tmp.write_text(json.dumps({"files": files, "created": time.time()}, indent=1))
     with tmp.open("rb") as f:
@@ -90,33 +108,57 @@ def write_manifest(ckpt_dir: Path) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def verify(ckpt_dir: Path, hashes: bool = False) -> str | None:
-    """None if the checkpoint is complete, else the reason it is not."""
-    marker = ckpt_dir / MARKER
-    if not marker.is_file():
-        return "no completion marker"
+def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """The marker's {name: {size, crc32c}}; CheckpointError if it is missing or malformed."""
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        return f"unreadable marker ({err})"
+        files = json.loads((ckpt_dir / MARKER).read_text())["files"]
+        checked = {str(name): {"size": int(info["size"]), "crc32c": str(info["crc32c"])}
+                   for name, info in files.items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir.name}: no completion marker") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{ckpt_dir.name}: unreadable marker ({err!r})") from None
+    for name in checked:
+        parts = name.split("/")
+        if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise CheckpointError(f"{ckpt_dir.name}: marker names an unsafe path {name!r}")
+    missing = [n for n in REQUIRED if n not in checked]
+    if not any(w in checked for w in WEIGHTS):
+        missing.append(WEIGHTS[0])
+    if missing:
+        raise CheckpointError(f"{ckpt_dir.name}: marker lacks {', '.join(missing)}")
+    return checked
+
+
+def verify(ckpt_dir: Path, hashes: bool = False) -> str | None:
+    """None if the checkpoint is complete, else the reason it is not.
+
+    Sizes alone catch every crash (files are final before the marker exists); ``hashes``
+    also catches later corruption and is what resuming uses.
+    """
+    try:
+        files = read_manifest(ckpt_dir)
+    except CheckpointError as err:
+        return str(err).split(": ", 1)[1]
     for name, info in files.items():
         path = ckpt_dir / name
-        if not path.is_file() or path.stat().st_size != info["size"]:
-            return f"{name} is missing or has the wrong size"
-        if hashes:
-            from utils.storage import file_crc32c
-            if file_crc32c(path) != info["crc32c"]:
-                return f"{name} fails its checksum"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != info["size"]:
+            return f"{name} has {size} bytes, the marker says {info['size']} (truncated?)"
+        if hashes and file_crc32c(path) != info["crc32c"]:
+            return f"{name} fails its crc32c checksum (corrupted)"
     return None
 
 
 def find_complete(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (by step)."""
+    """Complete checkpoints under ``root`` (sizes checked), oldest first (by step)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None
              and verify(p) is None]
-    return sorted(found, key=lambda p: step_of(p.name))
+    return sorted(found, key=lambda p: _by_step(p.name))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -139,10 +181,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     """
     name = checkpoint_name(state)
     final = root / name
-    tmp = root / f".tmp-{name}"
+    tmp = root / f"{_TMP_PREFIX}{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f"{_TMP_PREFIX}checkpoint-*"):  # writes cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
 
@@ -156,12 +199,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        trainer_state = {"state": state.to_dict(), "config": config_dict,
-                         "python_random": _py_random_state(), "numpy_random": _np_random_state()}
+        trainer_state = {"state": state.to_dict(), "epoch": state.position.epoch,
+                         "config": config_dict}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # an earlier, incomplete attempt at the same step
+        if final.exists():  # an earlier attempt at this step (resumed from an older one)
             shutil.rmtree(final)
         tmp.replace(final)
         _fsync_dir(root)
@@ -170,23 +213,39 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """This rank's RNGs as tensors and plain lists, so weights_only loading accepts them."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _py_random_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _np_random_state() -> list:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------- load
+
+def _load_tensors(path: Path) -> Any:
+    """torch.load that never runs pickled code: anything but tensors and containers is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"refused to load {path}: it holds more than tensors ({first[:160]}); a checkpoint "
+            f"file was replaced, so do not use it; resume from another checkpoint") from None
+
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt_dir: Path) -> TrainState:
     """Restore weights, optimizer, scheduler, scaler and RNG; return the saved TrainState.
@@ -198,9 +257,23 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt_dir: Path) ->
     if problem:
         raise CheckpointError(f"checkpoint {ckpt_dir} is not usable: {problem}; "
                               f"resume from another one (--resume latest skips it)")
+    try:
+        return _load(accelerator, model, optimizer, scheduler, ckpt_dir)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, DataError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {ckpt_dir} could not be loaded ({first[:200]}); "
+                              f"resume with the same --model and settings as the run that "
+                              f"wrote it, or from another checkpoint") from None
+
+
+def _load(accelerator, model, optimizer, scheduler, ckpt_dir: Path) -> TrainState:
     unwrapped = accelerator.unwrap_model(model)
-    # from_pretrained applies transformers' own key conversions (embed_out <-> lm_head).
-    saved_model = type(unwrapped).from_pretrained(ckpt_dir, dtype=torch.float32)
+    # from_pretrained applies transformers' own key conversions (embed_out <-> lm_head);
+    # use_safetensors: a pickled pytorch_model.bin is never considered.
+    saved_model = type(unwrapped).from_pretrained(ckpt_dir, dtype=torch.float32,
+                                                  use_safetensors=True)
     try:
         unwrapped.load_state_dict(saved_model.state_dict())
     except RuntimeError as err:
@@ -208,23 +281,112 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt_dir: Path) ->
                               f"({str(err).splitlines()[0]}): resume with the same --model "
                               f"as the run that wrote it") from None
     del saved_model
-    optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(_load_tensors(ckpt_dir / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(ckpt_dir / "scheduler.pt"))
     if accelerator.scaler is not None and (ckpt_dir / "scaler.pt").exists():
-        accelerator.scaler.load_state_dict(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
+        accelerator.scaler.load_state_dict(_load_tensors(ckpt_dir / "scaler.pt"))
     saved = json.loads((ckpt_dir / "trainer_state.json").read_text())
     rank_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
-    if rank_file.exists():
-        rng = torch.load(rank_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    version, internal, gauss = saved["python_random"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = saved["numpy_random"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if rank_file.exists():  # absent for ranks the saving run did not have: they keep the seed
+        _set_rng_state(_load_tensors(rank_file))
     return TrainState.from_dict(saved["state"])
 
+
+# ---------------------------------------------------------------- choosing what to resume
+
+def remote_complete(store: Store, prefix: str) -> list[str]:
+    """Checkpoint names under store/prefix whose marker is there, oldest first."""
+    names = {o.name.split("/")[0] for o in store.child(prefix).list()
+             if o.name.count("/") == 1 and o.name.endswith("/" + MARKER)}
+    return sorted((n for n in names if step_of(n) is not None), key=_by_step)
+
+
+def download(store: Store, dest: Path) -> Path:
+    """Fetch a remote checkpoint into a hidden folder, check every hash, then rename it to dest.
+
+    A download cut short is resumed by the next call (skip-existing sync into the same
+    folder); dest never holds a half-copied checkpoint.
+    """
+    tmp = dest.parent / f"{_TMP_PREFIX}download-{dest.name}"
+    result = sync_down(store, tmp)
+    if result.failed:
+        raise CheckpointError(f"{store.url}: {len(result.failed)} file(s) failed to download "
+                              f"({result.failed[0]}); check the bucket and retry")
+    problem = verify(tmp, hashes=True)
+    if problem:
+        raise CheckpointError(f"{store.url} downloaded but {problem}")
+    if dest.exists():
+        _set_aside(dest)
+    tmp.replace(dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a bad local copy out of the way (hidden, so nothing counts it) instead of deleting."""
+    aside = path.parent / f".bad-{path.name}-{int(time.time())}"
+    path.replace(aside)
+    return aside
+
+
+def choose_resume(wanted: str, root: Path, store: Store | None = None, remote_prefix: str = "",
+                  log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from, downloaded if only the bucket has it; None if none exists.
+
+    ``latest`` walks the complete checkpoints (local and remote) newest first and takes the
+    first whose files pass their checksums, preferring the local copy: a corrupted or
+    truncated checkpoint costs one checkpoint of progress, not the run. A named checkpoint
+    must pass, or CheckpointError says why.
+    """
+    try:
+        remote = set(remote_complete(store, remote_prefix)) if store is not None else set()
+    except StorageError as err:
+        if wanted != "latest":
+            raise
+        log(f"could not list {store.url}/{remote_prefix} ({err}); using local checkpoints only")
+        remote = set()
+    local = {p.name for p in find_complete(root)}
+    if wanted == "latest":
+        names = sorted(local | remote, key=_by_step, reverse=True)
+    elif wanted in local or wanted in remote:
+        names = [wanted]
+    else:
+        available = ", ".join(sorted(local | remote, key=_by_step)) or "none"
+        raise CheckpointError(f"no complete checkpoint named {wanted!r} in {root}"
+                              f"{f' or {store.url}/{remote_prefix}' if store else ''}; "
+                              f"available: {available}")
+    for name in names:
+        problems = []
+        if name in local:
+            problem = verify(root / name, hashes=True)
+            if problem is None:
+                return root / name
+            problems.append(f"local copy: {problem}")
+        if name in remote:
+            try:
+                return download(store.child(f"{remote_prefix}/{name}"), root / name)
+            except (CheckpointError, StorageError) as err:
+                problems.append(f"bucket copy: {err}")
+        reason = "; ".join(problems)
+        if wanted != "latest":
+            raise CheckpointError(f"checkpoint {name} is not usable ({reason}); resume from "
+                                  f"another one (--resume latest skips bad ones)")
+        log(f"skipping checkpoint {name}: {reason}")
+    return None
+
+
+def fetch(name: str, root: Path, store: Store | None = None, remote_prefix: str = "") -> Path:
+    """Make sure this machine holds a verified copy of ``name`` (other nodes of a run)."""
+    path = root / name
+    if verify(path, hashes=True) is None:
+        return path
+    if store is None:
+        raise CheckpointError(f"checkpoint {name} is not in {root} on this node and there is no "
+                              f"bucket to fetch it from; use a shared --output-dir or a --bucket")
+    return download(store.child(f"{remote_prefix}/{name}"), path)
+
+
+# ---------------------------------------------------------------- retention
 
 def prune(root: Path, keep: int, protected: set[str] = frozenset()) -> list[Path]:
     """Delete the oldest complete checkpoints beyond ``keep`` (never one still uploading)."""
@@ -235,3 +397,35 @@ def prune(root: Path, keep: int, protected: set[str] = frozenset()) -> list[Path
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+def prune_remote(store: Store, prefix: str, keep: int,
+                 protected: set[str] = frozenset()) -> list[str]:
+    """Delete the oldest complete remote checkpoints beyond ``keep``, marker first.
+
+    Removing the marker first means a deletion cut short leaves an incomplete (ignored)
+    checkpoint, never a complete-looking one with files missing. Incomplete uploads older
+    than every kept checkpoint (cut short by a crash) go too.
+    """
+    if keep <= 0:
+        return []
+    run = store.child(prefix)
+    objects: dict[str, list[str]] = {}
+    for obj in run.list():
+        name, _, rest = obj.name.partition("/")
+        if rest and step_of(name) is not None:
+            objects.setdefault(name, []).append(rest)
+    complete = sorted((n for n, files in objects.items() if MARKER in files), key=_by_step)
+    kept = complete[-keep:]
+    oldest_kept = _by_step(kept[0]) if kept else (0, "")
+    doomed = [n for n in complete[:-keep] if n not in protected]
+    doomed += [n for n, files in objects.items() if MARKER not in files
+               and _by_step(n) < oldest_kept and n not in protected]
+    for name in doomed:
+        files = objects[name]
+        if MARKER in files:
+            run.delete(f"{name}/{MARKER}")
+        for rest in files:
+            if rest != MARKER:
+                run.delete(f"{name}/{rest}")
+    return sorted(doomed, key=_by_step)
