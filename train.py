@@ -16,7 +16,6 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -29,12 +28,8 @@ from utils import checkpoint
 from utils.checkpoint import CheckpointError, TrainState
 from utils.data_utils import (
     DataError,
-    TokenWindows,
     WindowBatchSampler,
-    find_shards,
     make_torch_loader,
-    read_dataset_meta,
-    train_eval_split,
 )
 from utils.lr_schedule import lr_factor
 from utils.metrics import (
@@ -46,10 +41,11 @@ from utils.metrics import (
     memory_gib,
     summary_table,
 )
-from utils.modeling import build_model, causal_lm_loss, compile_unavailable
+from utils.modeling import compile_unavailable
 from utils.optim import build_adamw
 from utils.signals import PreemptionHandler
 from utils.storage import StorageError
+from utils.tasks import Task, build_task
 from utils.uploader import CheckpointPublisher
 
 
@@ -135,17 +131,18 @@ def _download_checkpoint(store, prefix: str, dest: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, windows: TokenWindows, indices, batch_size: int,
-             accelerator: Accelerator) -> float:
-    """Mean loss over this rank's share of the held-out windows, averaged over all ranks."""
+def evaluate(model, task: Task, batch_size: int, accelerator: Accelerator) -> float:
+    """Mean loss over this rank's share of the held-out examples, averaged over all ranks."""
     model.eval()
-    mine = indices[accelerator.process_index::accelerator.num_processes]
+    mine = task.eval_idx[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        batch = torch.from_numpy(np.stack([windows[i] for i in chunk])).to(accelerator.device)
-        total += torch.tensor([causal_lm_loss(model, batch).item() * len(chunk), len(chunk)],
-                              device=accelerator.device, dtype=torch.float64)
+        batch = task.collate([task.examples[i] for i in chunk])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss, _ = task.loss(model, batch)
+        total[0] += loss.double() * len(chunk)
+        total[1] += len(chunk)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
@@ -164,18 +161,15 @@ def train(config: TrainingConfig) -> dict:
     say = accelerator.print
     set_seed(config.seed)
 
-    # Data: sync from the bucket (skip-existing), then fixed windows split across ranks.
+    # Data and model for this stage (pretraining windows, or SFT/DPO examples on a LoRA model),
+    # after syncing the data from the bucket (skip-existing).
     sync_training_data(config, accelerator)
-    shards = find_shards(Path(config.data_dir), max_files=config.max_files or None)
-    windows = TokenWindows(shards, config.seq_len, root=Path(config.data_dir))
-    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
-    meta = read_dataset_meta(Path(config.data_dir))
-
-    # Model, optimizer, schedule; prepare() first, then compile.
-    model = build_model(config, meta)
+    task = build_task(config)
+    model = task.model
     total_params, non_embedding = count_parameters(model)
-    if meta and meta.get("vocab_size", 0) > model.config.vocab_size:
-        raise TrainingError("dataset vocabulary is larger than the model's")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # Optimizer and schedule; prepare() first, then compile.
     optimizer = build_adamw(model.to(accelerator.device), config.learning_rate,
                             config.weight_decay, (config.adam_beta1, config.adam_beta2),
                             config.adam_epsilon)
@@ -195,14 +189,16 @@ def train(config: TrainingConfig) -> dict:
     store = open_checkpoint_store(config, accelerator)
     resume_from = resolve_resume(config, accelerator, ckpt_root, store)
     world = accelerator.num_processes
-    state = TrainState(num_files=len(shards), train_windows=len(train_idx), world_size=world,
+    state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx),
+                       world_size=world,
                        global_batch_windows=config.per_device_train_batch_size * world)
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
-        if (saved.num_files, saved.train_windows) != (len(shards), len(train_idx)):
+        if (saved.num_files, saved.train_windows) != (state.num_files, state.train_windows):
             raise TrainingError(
                 f"{resume_from.name} was trained on {saved.num_files} files / "
-                f"{saved.train_windows} windows, this run has {len(shards)} / {len(train_idx)}: "
+                f"{saved.train_windows} windows, this run has {state.num_files} / "
+                f"{state.train_windows}: "
                 f"resuming would change the data order; use the same data, --max-files and "
                 f"--seq-len, or start a new --run-name")
         if saved.global_batch_windows != state.global_batch_windows:
@@ -214,14 +210,15 @@ def train(config: TrainingConfig) -> dict:
     elif config.resume:
         say("no complete checkpoint found: starting from scratch")
 
-    sampler = WindowBatchSampler(train_idx, config.per_device_train_batch_size,
+    sampler = WindowBatchSampler(task.train_idx, config.per_device_train_batch_size,
                                  accelerator.process_index, world, config.seed, state.position)
-    loader = make_torch_loader(windows, sampler, config.num_workers, config.prefetch_factor,
-                               pin_memory=accelerator.device.type == "cuda")
+    loader = make_torch_loader(task.examples, sampler, config.num_workers, config.prefetch_factor,
+                               pin_memory=accelerator.device.type == "cuda",
+                               collate_fn=task.collate)
     batches = iter(loader)
 
     tokens_per_step = (config.per_device_train_batch_size * world
-                       * config.gradient_accumulation_steps * config.seq_len)
+                       * config.gradient_accumulation_steps * config.seq_len)  # at most
     hf_config = accelerator.unwrap_model(model).config
     meter = ThroughputMeter(
         flops_per_token(non_embedding, hf_config.num_hidden_layers, hf_config.hidden_size,
@@ -229,12 +226,13 @@ def train(config: TrainingConfig) -> dict:
                         * hf_config.hidden_size),
         device_peak_flops(accelerator.device, config.peak_tflops), world)
     say(f"model {config.model}: {total_params:,} parameters "
-        f"({non_embedding:,} without embeddings), vocab {hf_config.vocab_size}")
+        f"({non_embedding:,} without embeddings, {trainable:,} trainable), "
+        f"vocab {hf_config.vocab_size}, stage {config.stage}")
     say(f"batch: {config.per_device_train_batch_size} per device x "
         f"{config.gradient_accumulation_steps} accumulation x {world} processes = "
         f"{state.global_batch_windows * config.gradient_accumulation_steps} sequences "
-        f"({tokens_per_step:,} tokens) per optimizer step; {len(shards)} files, "
-        f"{len(train_idx):,} training windows, {len(eval_idx)} held out")
+        f"({tokens_per_step:,} tokens) per optimizer step; {task.num_files} files, "
+        f"{len(task.train_idx):,} training examples, {len(task.eval_idx)} held out")
 
     # Logging and uploads happen on the global main process only.
     metrics = None
@@ -255,10 +253,11 @@ def train(config: TrainingConfig) -> dict:
         return path
 
     model.train()
-    start_step, started = state.step, time.perf_counter()
+    start_step, start_tokens, started = state.step, state.tokens_seen, time.perf_counter()
     last_loss = eval_loss = float("nan")
     interval_loss = torch.zeros((), device=accelerator.device)
     interval_steps = 0
+    interval_extras: dict[str, torch.Tensor] = {}
     grad_norm = torch.zeros((), device=accelerator.device)
     saved_paths: list[Path] = []
     stopped_early = False
@@ -267,21 +266,27 @@ def train(config: TrainingConfig) -> dict:
     meter.reset()
     try:
         while state.step < config.max_steps:
+            step_tokens = 0
             for _ in range(config.gradient_accumulation_steps):
-                batch = next(batches).to(accelerator.device, non_blocking=True)
+                batch = next(batches)
+                step_tokens += task.count_tokens(batch) * world
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    loss = causal_lm_loss(model, batch)
+                    loss, extras = task.loss(model, batch)
                     accelerator.backward(loss)
                 interval_loss += loss.detach() / config.gradient_accumulation_steps
+                for key, value in extras.items():
+                    interval_extras[key] = interval_extras.get(key, 0.0) + (
+                        value.detach() / config.gradient_accumulation_steps)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             interval_steps += 1
-            state.tokens_seen += tokens_per_step
+            state.tokens_seen += step_tokens
             state.position = sampler.position
-            meter.add(tokens_per_step)
+            meter.add(step_tokens)
             bar.update(1)
 
             log_now = state.step % config.logging_steps == 0 or state.step == config.max_steps
@@ -300,12 +305,14 @@ def train(config: TrainingConfig) -> dict:
                 record = {"step": state.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm), "epoch": state.position.epoch,
                           "tokens_seen": state.tokens_seen, **meter.read(),
-                          "memory_gib": memory_gib(accelerator.device)}
+                          "memory_gib": memory_gib(accelerator.device),
+                          **{k: accelerator.reduce(v, reduction="mean").item() / interval_steps
+                             for k, v in interval_extras.items()}}
                 record["step_time_s"] /= interval_steps
                 record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
                 if state.step % config.eval_steps == 0 or state.step == config.max_steps:
                     eval_loss = record["eval_loss"] = evaluate(
-                        model, windows, eval_idx, config.per_device_train_batch_size, accelerator)
+                        model, task, config.per_device_train_batch_size, accelerator)
                 if metrics:
                     metrics.write(record)
                     accelerator.log({k: v for k, v in record.items() if k != "step"},
@@ -313,6 +320,7 @@ def train(config: TrainingConfig) -> dict:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 eta=format_eta(record["eta_s"]))
                 interval_loss.zero_()
+                interval_extras.clear()
                 interval_steps = 0
                 meter.reset()  # eval time is not training throughput
             if save_now or stop_now:
@@ -333,7 +341,7 @@ def train(config: TrainingConfig) -> dict:
     uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early
                                    else config.final_upload_timeout_s)
     accelerator.end_training()
-    trained_tokens = state.tokens_seen - start_step * tokens_per_step
+    trained_tokens = state.tokens_seen - start_tokens
     summary = {
         "steps": state.step, "final_loss": last_loss, "eval_loss": eval_loss,
         "tokens": state.tokens_seen, "seconds": elapsed,

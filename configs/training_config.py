@@ -12,9 +12,19 @@ from typing import Literal
 
 @dataclass
 class TrainingConfig:
-    # What to train.
+    # What to train: pretraining from scratch, or a LoRA stage on a base model.
+    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
     model: str = "tiny"
     seq_len: int = 256
+    init_from: str = ""  # sft/dpo base: a checkpoint or HF folder, or "latest" (of --init-run)
+    init_run: str = "smoke"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: str = "query_key_value,dense"
+    dpo_beta: float = 0.1
+    topics: str = ""  # curriculum: a folder of topics, each with sft.jsonl and dpo.jsonl
+    merge: bool = False  # also write a merged Hugging Face model at the end of a LoRA stage
     # Where things live. ``bucket`` is a gs:// URL or a local directory ("" = none).
     data_dir: str = "data/training"
     bucket: str = ""

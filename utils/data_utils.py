@@ -20,7 +20,7 @@ import json
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -477,8 +477,12 @@ def _collate(windows: list[np.ndarray]) -> torch.Tensor:
 def make_torch_loader(
     windows: TokenWindows, sampler: WindowBatchSampler, num_workers: int = 0,
     prefetch_factor: int | None = None, pin_memory: bool = False,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> torch.utils.data.DataLoader:
     """An infinite DataLoader of LongTensor (B, seq_len+1) that keeps ``sampler.position`` exact.
+
+    ``windows`` may be any map-style dataset (fine-tuning examples too) with a matching
+    ``collate_fn``; the default stacks equal-length windows.
 
     Workers read ahead, so the loader advances the sampler only as each batch reaches the
     caller (see :class:`WindowBatchSampler`). Do not pass it through ``accelerator.prepare``:
@@ -498,5 +502,5 @@ def make_torch_loader(
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=pin_memory,
-        collate_fn=_collate,
+        collate_fn=collate_fn or _collate,
     )
