@@ -245,11 +245,17 @@ def train(config: TrainingConfig) -> dict:
         keep_local=config.save_total_limit, log=say)
     preemption = PreemptionHandler()
 
+    tokenizer_dir = _tokenizer_dir(task.meta, Path(config.data_dir))
+
     def save() -> Path:
         path = checkpoint.save_checkpoint(accelerator, model, optimizer, scheduler, state,
                                           asdict(config), ckpt_root)
         if accelerator.is_main_process:
-            publisher.submit(path)
+            if tokenizer_dir:  # a checkpoint is a whole HF folder: model + tokenizer
+                for file in tokenizer_dir.iterdir():
+                    if file.is_file():
+                        shutil.copy2(file, path / file.name)
+            publisher.submit(path)  # the marker is written after this, covering the copies
         return path
 
     model.train()
@@ -362,6 +368,17 @@ def train(config: TrainingConfig) -> dict:
         ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
     ]))
     return summary
+
+
+def _tokenizer_dir(meta: dict, data_dir: Path) -> Path | None:
+    """The data's tokenizer folder (dataset.json names it relative to the cwd or the data)."""
+    name = meta.get("tokenizer")
+    if not name:
+        return None
+    for candidate in (Path(name), data_dir / name):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
