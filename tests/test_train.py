@@ -112,3 +112,26 @@ def test_compile_path_runs_on_cpu(sample_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running eager" not in result.stdout
     assert len(_metrics(out)) == 3 and find_complete(out / "checkpoints")
+
+
+def test_train_syncs_data_from_gcs_and_uploads_checkpoints(gcs_bucket, sample_data, tmp_path):
+    from utils.storage import open_store, sync_up
+
+    store = open_store(gcs_bucket)
+    sync_up(sample_data, store, "training/nested", progress=False)
+    data, out = tmp_path / "data", tmp_path / "out"
+    result = run_train(*TINY, "--sync-data", "--bucket", gcs_bucket, "--data-dir", str(data),
+                       "--output-dir", str(out), "--max-steps", "4", "--logging-steps", "2",
+                       "--save-steps", "4", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (data / "nested").glob("*.npy")) == sorted(
+        p.name for p in sample_data.glob("*.npy"))
+    files = [p for p in sample_data.iterdir() if not p.name.startswith(".")]
+    assert f"downloaded {len(files)} " in result.stdout  # shards + dataset.json
+    remote = {o.name for o in store.child("checkpoints/smoke").list()}
+    name = find_complete(out / "checkpoints")[-1].name
+    assert f"{name}/COMPLETE.json" in remote and f"{name}/model.safetensors" in remote
+    again = run_train(*TINY, "--sync-data", "--bucket", gcs_bucket, "--data-dir", str(data),
+                      "--output-dir", str(tmp_path / "out2"), "--max-steps", "1",
+                      tmp_path=tmp_path)
+    assert again.returncode == 0 and f"downloaded 0 (0.0 MB), skipped {len(files)}" in again.stdout
