@@ -44,6 +44,18 @@ else
     || "${PIP[@]}" "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
+# MLX's Linux CPU wheel ships a reference BLAS (~3 GFLOP/s); Debian's OpenBLAS, preloaded
+# for MLX processes only, made its training steps 3-4x faster here. Optional.
+if [ "$(uname -s)" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's libopenblas0-pthread (faster MLX on the CPU)"
+    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) \
+      || echo "[setup] could not install libopenblas0-pthread: MLX will use its slow BLAS"
+  else
+    echo "[setup] tip: 'sudo apt-get install libopenblas0-pthread' makes MLX on the CPU 3-4x faster"
+  fi
+fi
+
 echo "[setup] installing requirements.txt"
 "${PIP[@]}" -r requirements.txt
 if [ "$DEV" = 1 ]; then

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from configs.cli import parse_args
@@ -39,7 +39,7 @@ from utils.metrics import (
     flops_per_token,
     format_eta,
     memory_gib,
-    summary_table,
+    run_summary,
 )
 from utils.modeling import compile_unavailable
 from utils.optim import build_adamw
@@ -47,6 +47,9 @@ from utils.signals import PreemptionHandler
 from utils.storage import StorageError
 from utils.tasks import Task, build_task
 from utils.uploader import CheckpointPublisher
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model"}
 
 
 class TrainingError(RuntimeError):
@@ -153,12 +156,19 @@ def evaluate(model, task: Task, batch_size: int, accelerator: Accelerator) -> fl
 def train(config: TrainingConfig) -> dict:
     output_dir = Path(config.effective_output_dir)
     accelerator = Accelerator(
+        cpu=_cpu_processes(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with="tensorboard", project_dir=str(output_dir / "logs"),
         step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
     )
     say = accelerator.print
+    if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            and accelerator.distributed_type != DistributedType.FSDP):
+        raise TrainingError(
+            f"FSDP was requested (--fsdp / fsdp.yaml) but accelerate set up "
+            f"{accelerator.distributed_type.value} on {accelerator.device.type}: it runs FSDP on "
+            f"GPUs only and would train unsharded; drop --fsdp here, or launch on GPUs")
     set_seed(config.seed)
 
     # Data and model for this stage (pretraining windows, or SFT/DPO examples on a LoRA model),
@@ -253,7 +263,7 @@ def train(config: TrainingConfig) -> dict:
         if accelerator.is_main_process:
             if tokenizer_dir:  # a checkpoint is a whole HF folder: model + tokenizer
                 for file in tokenizer_dir.iterdir():
-                    if file.is_file():
+                    if file.name in TOKENIZER_FILES:
                         shutil.copy2(file, path / file.name)
             publisher.submit(path)  # the marker is written after this, covering the copies
         return path
@@ -346,27 +356,20 @@ def train(config: TrainingConfig) -> dict:
     elapsed = time.perf_counter() - started
     uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early
                                    else config.final_upload_timeout_s)
+    if config.merge and config.stage != "pretrain" and not stopped_early:
+        if accelerator.is_main_process:  # from the final checkpoint, complete by now
+            from utils.finetune import merge_adapter
+
+            merged = merge_adapter(checkpoint.find_complete(ckpt_root)[-1], output_dir / "merged")
+            say(f"merged model (base + adapters) written to {merged}")
+        accelerator.wait_for_everyone()
     accelerator.end_training()
-    trained_tokens = state.tokens_seen - start_tokens
-    summary = {
-        "steps": state.step, "final_loss": last_loss, "eval_loss": eval_loss,
-        "tokens": state.tokens_seen, "seconds": elapsed,
-        "tokens_per_s": trained_tokens / max(elapsed, 1e-9),
-        "checkpoints": [p.name for p in saved_paths], "uploads_complete": uploads_done,
-        "stopped_early": stopped_early,
-    }
-    say(summary_table([
-        ("run", f"{config.run_name} ({config.model}, {world} process(es))"),
-        ("steps", f"{start_step} -> {state.step} of {config.max_steps}"),
-        ("tokens", f"{state.tokens_seen:,}"),
-        ("time", format_eta(elapsed)),
-        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
-        ("final loss", f"{last_loss:.4f}"),
-        ("eval loss", f"{eval_loss:.4f}"),
-        ("checkpoints", f"{len(saved_paths)} in {ckpt_root}"),
-        ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
-        ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
-    ]))
+    summary, table = run_summary(
+        config=config, state=state, start_step=start_step, start_tokens=start_tokens,
+        elapsed=elapsed, last_loss=last_loss, eval_loss=eval_loss, saved=saved_paths,
+        uploads_done=uploads_done, stopped_early=stopped_early,
+        where=f"{world} process(es)", ckpt_root=ckpt_root, store=store)
+    say(table)
     return summary
 
 
@@ -379,6 +382,16 @@ def _tokenizer_dir(meta: dict, data_dir: Path) -> Path | None:
         if (candidate / "tokenizer.json").is_file():
             return candidate
     return None
+
+
+def _cpu_processes() -> bool:
+    """True for a multi-process launch on a machine without CUDA.
+
+    ``accelerate launch --multi_gpu`` and ``torchrun`` start N processes, but with no GPU
+    accelerate leaves each one alone (world size 1, every rank "main", all writing the same
+    files) unless told to use the CPU; then it joins them with gloo.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
@@ -401,12 +414,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_preflight(config)
     if config.backend == "mlx":
-        from mlx_train import train as mlx_train
+        from mlx_train import run as mlx_run
+        from utils.mlx_model import reexec_with_openblas
 
-        mlx_train(config)
-        return 0
+        reexec_with_openblas()  # MLX's Linux wheel ships a slow BLAS; no-op elsewhere
+        return mlx_run(config)
     try:
-        train(config)
+        if config.topics:
+            from utils.curriculum import run_curriculum
+
+            run_curriculum(config, train)
+        else:
+            train(config)
     except (DataError, CheckpointError, TrainingError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

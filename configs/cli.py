@@ -101,3 +101,7 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           f"or use --no-sync-data with data already in --data-dir")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
+    if config.stage != "pretrain" or config.topics:
+        from utils.finetune import validate_finetune
+
+        validate_finetune(config)

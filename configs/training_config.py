@@ -78,6 +78,23 @@ PRESETS: dict[str, TrainingConfig] = {
         max_steps=150, per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=15,
         logging_steps=10, eval_steps=50, eval_windows=32, save_steps=50,
     ),
+    # LoRA SFT on the newest smoke checkpoint (train smoke first) with the bundled examples;
+    # under a minute on 2 CPU cores. Writes outputs/sft/merged.
+    "sft": TrainingConfig(
+        stage="sft", run_name="sft", init_from="latest", init_run="smoke",
+        data_dir="data/examples/sft", bucket="bucket", seq_len=64, max_steps=100,
+        per_device_train_batch_size=8, learning_rate=3e-3, warmup_steps=10, lora_dropout=0.05,
+        lora_target_modules="query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
+        logging_steps=10, eval_steps=50, eval_windows=8, save_steps=50, merge=True,
+    ),
+    # LoRA DPO on the newest sft checkpoint; the reference is that model with adapters off.
+    "dpo": TrainingConfig(
+        stage="dpo", run_name="dpo", init_from="latest", init_run="sft",
+        data_dir="data/examples/dpo", bucket="bucket", seq_len=64, max_steps=60,
+        per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=6, lora_dropout=0.0,
+        dpo_beta=0.1, logging_steps=10, eval_steps=30, eval_windows=8, save_steps=30,
+        merge=True,
+    ),
     # The seed's TestConfig: the 1.2B model on a few files.
     "test": TrainingConfig(
         run_name="test", model="neox-1.2b", seq_len=2048, sync_data=True, max_files=5,

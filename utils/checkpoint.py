@@ -3,9 +3,12 @@
 Layout of ``checkpoint-epoch{E}-step{S}-files{F}/``::
 
     config.json, model.safetensors   -> GPTNeoXForCausalLM.from_pretrained(dir) loads it as is
+    (LoRA stages: adapter_config.json, adapter_model.safetensors -> peft loads it onto its base)
     optimizer.pt, scheduler.pt       -> torch.load(weights_only=True): tensors and numbers only
+                                        (FSDP2: the whole optimizer state, keyed by parameter name)
     scaler.pt (fp16 only)
     rng_state_{rank}.pt              -> every rank's python, numpy, torch and CUDA RNG states
+                                        (gathered: only the main process writes, no shared disk)
     trainer_state.json               -> step, epoch, data position, tokens seen, config
     COMPLETE.json                    -> manifest (name, size, crc32c of every file), written LAST
 
@@ -38,9 +41,13 @@ from utils.storage import StorageError, Store, file_crc32c, sync_down
 MARKER = "COMPLETE.json"
 _NAME = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)-files(\d+)$")
 _TMP_PREFIX = ".tmp-"
-# What a checkpoint must hold to be loadable; the weights are one file or an index of shards.
-REQUIRED = ("config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# What a checkpoint must hold to be loadable: the training state, an optimizer state (torch's
+# or MLX's, utils/mlx_model.py), and weights with their config: a model (one file or an index
+# of shards) or LoRA adapters (utils/finetune.py).
+REQUIRED = ("trainer_state.json",)
+OPTIMIZERS = ("optimizer.pt", "optimizer.safetensors")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -108,26 +115,39 @@ def write_manifest(ckpt_dir: Path) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
-    """The marker's {name: {size, crc32c}}; CheckpointError if it is missing or malformed."""
+def _manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]] | str:
+    """The marker's {name: {size, crc32c}}, or the reason there is no usable one."""
     try:
         files = json.loads((ckpt_dir / MARKER).read_text())["files"]
         checked = {str(name): {"size": int(info["size"]), "crc32c": str(info["crc32c"])}
                    for name, info in files.items()}
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir.name}: no completion marker") from None
+        return "no completion marker"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{ckpt_dir.name}: unreadable marker ({err!r})") from None
+        return f"unreadable marker ({err!r})"
     for name in checked:
-        parts = name.split("/")
-        if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise CheckpointError(f"{ckpt_dir.name}: marker names an unsafe path {name!r}")
+        if name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+            return f"the marker names an unsafe path {name!r}"
     missing = [n for n in REQUIRED if n not in checked]
-    if not any(w in checked for w in WEIGHTS):
-        missing.append(WEIGHTS[0])
+    if not any(o in checked for o in OPTIMIZERS):
+        missing.append(OPTIMIZERS[0])
+    if ADAPTER_WEIGHTS in checked:
+        missing += [n for n in ("adapter_config.json",) if n not in checked]
+    elif any(w in checked for w in WEIGHTS):
+        missing += [n for n in ("config.json",) if n not in checked]
+    else:
+        missing.append(f"{WEIGHTS[0]} (or {ADAPTER_WEIGHTS})")
     if missing:
-        raise CheckpointError(f"{ckpt_dir.name}: marker lacks {', '.join(missing)}")
+        return f"the marker lacks {', '.join(missing)}"
     return checked
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """The marker's {name: {size, crc32c}}; CheckpointError if it is missing or malformed."""
+    files = _manifest(ckpt_dir)
+    if isinstance(files, str):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {files}; it does not count")
+    return files
 
 
 def verify(ckpt_dir: Path, hashes: bool = False) -> str | None:
@@ -136,10 +156,9 @@ def verify(ckpt_dir: Path, hashes: bool = False) -> str | None:
     Sizes alone catch every crash (files are final before the marker exists); ``hashes``
     also catches later corruption and is what resuming uses.
     """
-    try:
-        files = read_manifest(ckpt_dir)
-    except CheckpointError as err:
-        return str(err).split(": ", 1)[1]
+    files = _manifest(ckpt_dir)
+    if isinstance(files, str):
+        return files
     for name, info in files.items():
         path = ckpt_dir / name
         if not path.is_file():
@@ -182,17 +201,17 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     name = checkpoint_name(state)
     final = root / name
     tmp = root / f"{_TMP_PREFIX}{name}"
+    # Collectives first (every rank): RNG states and full (gathered) model/optimizer states.
+    # Only the main process writes, so other machines need no shared disk.
+    rng_states = _all_ranks(_rng_state(), accelerator.num_processes)
+    state_dict, optim_state = _full_states(accelerator, model, optimizer)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f"{_TMP_PREFIX}checkpoint-*"):  # writes cut short by a crash
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
-
-    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    state_dict = accelerator.get_state_dict(model)  # full state dict, gathered under FSDP
-    optim_state = optimizer.state_dict()
-    if accelerator.is_main_process:
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng_state_{rank}.pt")
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         torch.save(optim_state, tmp / "optimizer.pt")
@@ -202,14 +221,52 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
         trainer_state = {"state": state.to_dict(), "epoch": state.position.epoch,
                          "config": config_dict}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         if final.exists():  # an earlier attempt at this step (resumed from an older one)
             shutil.rmtree(final)
         tmp.replace(final)
         _fsync_dir(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def _all_ranks(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a small all-gather; just [obj] for one process)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _is_fsdp2(model) -> bool:
+    """Parameters sharded by torch's fully_shard (FSDP2), whether or not accelerate did it."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or isinstance(getattr(model, "_orig_mod", None),
+                                                       FSDPModule)
+
+
+def _full_states(accelerator, model, optimizer) -> tuple[dict, dict]:
+    """The whole model and optimizer state on the main process (collective under FSDP2).
+
+    FSDP2 gives rank 0 full tensors on the CPU; its optimizer state is keyed by parameter
+    name (torch.distributed.checkpoint's full format), every other layout by index.
+    """
+    if not _is_fsdp2(accelerator.unwrap_model(model)):
+        return accelerator.get_state_dict(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    unwrapped = accelerator.unwrap_model(model)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return (get_model_state_dict(unwrapped, options=options),
+            get_optimizer_state_dict(unwrapped, inner, options=options))
 
 
 def _rng_state() -> dict:
@@ -269,19 +326,21 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt_dir: Path) ->
 
 
 def _load(accelerator, model, optimizer, scheduler, ckpt_dir: Path) -> TrainState:
+    if not (ckpt_dir / "optimizer.pt").is_file():  # the manifest has MLX's instead
+        raise CheckpointError(f"checkpoint {ckpt_dir} was written by the MLX backend (its "
+                              f"optimizer state is optimizer.safetensors): resume it with "
+                              f"--backend mlx, or resume torch from a torch checkpoint")
     unwrapped = accelerator.unwrap_model(model)
-    # from_pretrained applies transformers' own key conversions (embed_out <-> lm_head);
-    # use_safetensors: a pickled pytorch_model.bin is never considered.
-    saved_model = type(unwrapped).from_pretrained(ckpt_dir, dtype=torch.float32,
-                                                  use_safetensors=True)
-    try:
-        unwrapped.load_state_dict(saved_model.state_dict())
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {ckpt_dir} does not match the model "
-                              f"({str(err).splitlines()[0]}): resume with the same --model "
-                              f"as the run that wrote it") from None
-    del saved_model
-    optimizer.load_state_dict(_load_tensors(ckpt_dir / "optimizer.pt"))
+    if _is_fsdp2(unwrapped):
+        _load_sharded(accelerator, unwrapped, optimizer, ckpt_dir)
+    else:
+        if (ckpt_dir / ADAPTER_WEIGHTS).is_file() or hasattr(unwrapped, "peft_config"):
+            from utils.finetune import load_adapter_weights  # LoRA: adapters, safetensors
+
+            load_adapter_weights(unwrapped, ckpt_dir)
+        else:
+            unwrapped.load_state_dict(_saved_weights(unwrapped, ckpt_dir))
+        optimizer.load_state_dict(_load_tensors(ckpt_dir / "optimizer.pt"))
     scheduler.load_state_dict(_load_tensors(ckpt_dir / "scheduler.pt"))
     if accelerator.scaler is not None and (ckpt_dir / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(_load_tensors(ckpt_dir / "scaler.pt"))
@@ -290,6 +349,44 @@ def _load(accelerator, model, optimizer, scheduler, ckpt_dir: Path) -> TrainStat
     if rank_file.exists():  # absent for ranks the saving run did not have: they keep the seed
         _set_rng_state(_load_tensors(rank_file))
     return TrainState.from_dict(saved["state"])
+
+
+def _saved_weights(unwrapped, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under this model's parameter names.
+
+    from_pretrained applies transformers' own key conversions (embed_out <-> lm_head);
+    use_safetensors: a pickled pytorch_model.bin is never considered.
+    """
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32,
+                                                 use_safetensors=True)
+    weights = saved.state_dict()
+    expected = set(unwrapped.state_dict())
+    if set(weights) != expected:
+        odd = sorted(set(weights) ^ expected)
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not match the model ({len(odd)} "
+                              f"mismatched names, e.g. {odd[0]}): resume with the same --model "
+                              f"as the run that wrote it")
+    return weights
+
+
+def _load_sharded(accelerator, unwrapped, optimizer, ckpt_dir: Path) -> None:
+    """FSDP2: the main process reads the full states and broadcasts; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    main = accelerator.is_main_process
+    set_model_state_dict(unwrapped, _saved_weights(unwrapped, ckpt_dir) if main else {},
+                         options=options)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(unwrapped, inner,
+                             _load_tensors(ckpt_dir / "optimizer.pt") if main else {},
+                             options=options)
 
 
 # ---------------------------------------------------------------- choosing what to resume

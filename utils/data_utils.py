@@ -503,4 +503,7 @@ def make_torch_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=pin_memory,
         collate_fn=collate_fn or _collate,
+        # Its own generator: starting an iterator must not draw from the global torch RNG,
+        # or a resumed run's dropout masks would be one draw off the uninterrupted run's.
+        generator=torch.Generator().manual_seed(0),
     )

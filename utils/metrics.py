@@ -121,3 +121,30 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     body = "\n".join(f"{key:<{width}} | {value}" for key, value in rows)
     return f"{line}\n{body}\n{line}"
+
+
+def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: float,
+                last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
+                stopped_early: bool, where: str, ckpt_root: Path, store) -> tuple[dict, str]:
+    """The end-of-run summary both loops return, and the table they print."""
+    output_dir = Path(config.effective_output_dir)
+    summary = {
+        "steps": state.step, "final_loss": last_loss, "eval_loss": eval_loss,
+        "tokens": state.tokens_seen, "seconds": elapsed,
+        "tokens_per_s": (state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
+        "checkpoints": [p.name for p in saved], "uploads_complete": uploads_done,
+        "stopped_early": stopped_early,
+    }
+    table = summary_table([
+        ("run", f"{config.run_name} ({config.model}, {where})"),
+        ("steps", f"{start_step} -> {state.step} of {config.max_steps}"),
+        ("tokens", f"{state.tokens_seen:,}"),
+        ("time", format_eta(elapsed)),
+        ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
+        ("final loss", f"{last_loss:.4f}"),
+        ("eval loss", f"{eval_loss:.4f}"),
+        ("checkpoints", f"{len(saved)} in {ckpt_root}"),
+        ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
+        ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
+    ])
+    return summary, table

@@ -1,0 +1,157 @@
+"""start_training.sh: bad options, quoting, and the accelerate command it builds and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "start_training.sh"
+USAGE = "Launch training the way the machine needs it."
+TINY = ["--seq-len", "64", "--logging-steps", "1", "--eval-steps", "1000",
+        "--eval-windows", "8", "--save-steps", "1000", "--bucket", ""]
+
+
+def start(args: list[str], tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The script as a user runs it (it changes to the repo root itself)."""
+    (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                 "LOCAL_RANK"):
+        env.pop(name, None)
+    proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+        stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def launched(stdout: str) -> list[str]:
+    """The command from the script's '[start] CMD' line, split as the shell would."""
+    line = next(x for x in stdout.splitlines() if x.startswith("[start] "))
+    return shlex.split(line.removeprefix("[start] "))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("start-data")
+    subprocess.run([sys.executable, "-m", "data.prepare",
+                    "--out", str(root / "data"), "--tokenizer-out", str(root / "tok"),
+                    "--max-mb", "1"], cwd=REPO, check=True, capture_output=True, timeout=120)
+    return root / "data"
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--bogus"], "start_training.sh: error: unrecognized arguments: --bogus"),
+    (["stray"], "start_training.sh: unexpected argument 'stray'"),
+])
+def test_bad_option_prints_usage_then_the_problem_and_exits_2(args: list[str], problem: str,
+                                                              tmp_path: Path) -> None:
+    result = start(args, tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert USAGE in result.stderr
+    assert problem in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and "[start]" not in result.stdout
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--gpus", "two"], "--gpus must be a whole number, got 'two'"),
+    (["--num-machines"], "--num-machines needs a value"),
+    (["--gpus", "8", "--num-machines", "2"], "--num-machines 2 needs --main-process-ip"),
+    (["--gpus", "8", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"],
+     "--machine-rank 2 must be below --num-machines 2"),
+])
+def test_bad_launch_setting_is_one_line_and_exit_2(args: list[str], problem: str,
+                                                   tmp_path: Path) -> None:
+    result = start(args, tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"start_training.sh: {problem}"), lines
+    assert "[start]" not in result.stdout
+
+
+PASSED = ["--run-name", "a b", "--bucket", ""]  # a space and an empty value, kept intact
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--gpus", "0"], [".venv/bin/python", "train.py"]),
+    (["--gpus", "2"],
+     [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/ddp.yaml",
+      "--num_processes", "2", "--num_machines", "1", "--machine_rank", "0",
+      "--main_process_port", "29500", "train.py"]),
+    (["--gpus", "4", "--fsdp"],
+     [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml",
+      "--num_processes", "4", "--num_machines", "1", "--machine_rank", "0",
+      "--main_process_port", "29500", "train.py"]),
+    (["--gpus", "8", "--num-machines", "2", "--machine-rank", "1",
+      "--main-process-ip", "10.1.2.3", "--main-process-port", "29555"],
+     [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/multinode.yaml",
+      "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1",
+      "--main_process_port", "29555", "--main_process_ip", "10.1.2.3", "train.py"]),
+    (["--gpus", "8", "--fsdp", "--num-machines", "2", "--main-process-ip", "10.1.2.3"],
+     [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml",
+      "--num_processes", "16", "--num_machines", "2", "--machine_rank", "0",
+      "--main_process_port", "29500", "--main_process_ip", "10.1.2.3", "train.py"]),
+])
+def test_dry_run_prints_the_launch_command(args: list[str], expected: list[str],
+                                           tmp_path: Path) -> None:
+    result = start([*args, *PASSED, "--dry-run"], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert launched(result.stdout) == [*expected, *PASSED]
+    if "--config_file" in expected:
+        assert (REPO / expected[expected.index("--config_file") + 1]).is_file()
+
+
+def _trained_config(out: Path) -> dict:
+    (ckpt,) = (out / "checkpoints").iterdir()
+    return json.loads((ckpt / "trainer_state.json").read_text())["config"]
+
+
+def test_arguments_with_spaces_reach_train_py_intact(tiny_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out dir"
+    result = start(["--gpus", "0", "--max-steps", "1", "--data-dir", str(tiny_data_dir),
+                    "--output-dir", str(out), "--run-name", "a b", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert _trained_config(out)["run_name"] == "a b"
+    assert _trained_config(out)["output_dir"] == str(out)
+
+
+@pytest.mark.slow
+def test_gpus_2_launches_two_processes_through_accelerate(tiny_data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """On this CPU machine the DDP command really starts two ranks joined with gloo."""
+    out = tmp_path / "two ranks"
+    port = str(free_port())
+    result = start(["--gpus", "2", "--main-process-port", port, "--max-steps", "2",
+                    "--data-dir", str(tiny_data_dir), "--output-dir", str(out),
+                    "--run-name", "a b", "--per-device-train-batch-size", "4", *TINY], tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    command = launched(result.stdout)
+    assert command[:command.index("train.py")] == [
+        ".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/ddp.yaml",
+        "--num_processes", "2", "--num_machines", "1", "--machine_rank", "0",
+        "--main_process_port", port]
+    assert "4 per device x 1 accumulation x 2 processes = 8 sequences" in result.stdout
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2]
+    assert _trained_config(out)["run_name"] == "a b"
