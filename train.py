@@ -89,48 +89,32 @@ def open_checkpoint_store(config: TrainingConfig, accelerator: Accelerator):
 
 def resolve_resume(config: TrainingConfig, accelerator: Accelerator, local_root: Path,
                    store) -> Path | None:
-    """The checkpoint to resume from: newest complete one (local or bucket) or a named one."""
+    """The checkpoint to resume from: the newest good one (local or bucket) or a named one.
+
+    The global main process chooses (checksums verified, downloaded if only the bucket has
+    it) and tells the others; every other node's local main then makes sure it holds a
+    verified copy, so all ranks load the same checkpoint. ``accelerator`` may also be
+    mlx_train's one-process stand-in.
+    """
     if not config.resume:
         return None
-    remote_prefix = f"checkpoints/{config.run_name}"
-    if accelerator.is_local_main_process:
-        local = {p.name for p in checkpoint.find_complete(local_root)}
-        remote = _remote_complete(store, remote_prefix) if store else []
-        if config.resume == "latest":
-            candidates = sorted(set(remote) | local, key=checkpoint.step_of)
-            wanted = candidates[-1] if candidates else None
-        else:
-            wanted = config.resume
-            if wanted not in local and wanted not in remote:
-                raise TrainingError(
-                    f"no complete checkpoint named {wanted!r} for run {config.run_name!r}; "
-                    f"available: {', '.join(sorted(local | set(remote))) or 'none'}")
-        if wanted and wanted not in local:
-            _download_checkpoint(store, f"{remote_prefix}/{wanted}", local_root / wanted)
+    prefix = f"checkpoints/{config.run_name}"
+    choice: list[str | None] = [None, None]  # [checkpoint name, error]
+    if accelerator.is_main_process:
+        try:
+            path = checkpoint.choose_resume(config.resume, local_root, store, prefix)
+            choice[0] = path.name if path else None
+        except (CheckpointError, StorageError) as err:
+            choice[1] = str(err)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    name, error = choice
+    if error:
+        raise TrainingError(error)
+    if name and accelerator.is_local_main_process and not accelerator.is_main_process:
+        checkpoint.fetch(name, local_root, store, prefix)
     accelerator.wait_for_everyone()
-    if config.resume == "latest":
-        found = checkpoint.find_complete(local_root)
-        return found[-1] if found else None
-    return local_root / config.resume
-
-
-def _remote_complete(store, prefix: str) -> list[str]:
-    names = [o.name.split("/")[0] for o in store.child(prefix).list()
-             if o.name.endswith("/" + checkpoint.MARKER)]
-    return [n for n in names if checkpoint.step_of(n) is not None]
-
-
-def _download_checkpoint(store, prefix: str, dest: Path) -> None:
-    """Download into a temporary folder, verify, then rename: never a half-copied checkpoint."""
-    from utils.storage import sync_down
-
-    tmp = dest.parent / f".tmp-download-{dest.name}"
-    sync_down(store.child(prefix), tmp)
-    problem = checkpoint.verify(tmp, hashes=True)
-    if problem:
-        raise TrainingError(f"checkpoint {store.url}/{prefix} downloaded but {problem}")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+    return local_root / name if name else None
 
 
 @torch.no_grad()
@@ -252,7 +236,10 @@ def train(config: TrainingConfig) -> dict:
     publisher = CheckpointPublisher(
         store if accelerator.is_main_process else None, f"checkpoints/{config.run_name}",
         background=config.background_upload and accelerator.is_main_process,
-        keep_local=config.save_total_limit, log=say)
+        keep_local=config.save_total_limit, remote_keep=config.remote_keep,
+        exit_timeout_s=config.upload_timeout_s, log=say)
+    if accelerator.is_main_process:
+        publisher.catch_up(ckpt_root)  # a kill may have cut the last upload short
     preemption = PreemptionHandler()
 
     tokenizer_dir = _tokenizer_dir(task.meta, Path(config.data_dir))

@@ -83,7 +83,8 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be a positive integer, "
                               f"got {getattr(config, name)}")
-    for name in ("max_files", "warmup_steps", "num_workers", "eval_windows", "save_total_limit"):
+    for name in ("max_files", "warmup_steps", "num_workers", "eval_windows", "save_total_limit",
+                 "remote_keep"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
     if not config.learning_rate > 0:

@@ -59,6 +59,7 @@ class TrainingConfig:
     eval_windows: int = 64
     save_steps: int = 100
     save_total_limit: int = 3
+    remote_keep: int = 0  # complete checkpoints kept in the bucket (0 = all)
     background_upload: bool = True
     upload_timeout_s: float = 60.0  # bounded wait for uploads after SIGTERM
     final_upload_timeout_s: float = 3600.0  # at the normal end of training

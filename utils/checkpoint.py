@@ -492,6 +492,7 @@ def prune(root: Path, keep: int, protected: set[str] = frozenset()) -> list[Path
     complete = find_complete(root)
     doomed = [p for p in complete[:-keep] if p.name not in protected]
     for path in doomed:
+        (path / MARKER).unlink()  # first: a deletion cut short leaves no complete-looking copy
         shutil.rmtree(path)
     return doomed
 

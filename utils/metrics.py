@@ -103,12 +103,23 @@ class MetricsWriter:
         self._drop_steps_after(start_step)
 
     def _drop_steps_after(self, step: int) -> None:
-        """On resume, forget lines logged after the checkpoint so each step appears once."""
+        """On resume, forget lines logged after the checkpoint so each step appears once.
+
+        A line cut short by a kill is dropped too, and the file is replaced atomically, so a
+        kill during this rewrite cannot leave a torn line that stops the next resume.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # torn by a kill mid-write, or blank
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
