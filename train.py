@@ -7,9 +7,7 @@
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -43,78 +41,22 @@ from utils.metrics import (
 )
 from utils.modeling import compile_unavailable
 from utils.optim import build_adamw
+from utils.run_setup import (
+    TrainingError,
+    check_loss,
+    continue_from,
+    copy_tokenizer,
+    due,
+    flat_hparams,
+    open_checkpoint_store,
+    resolve_resume,
+    sync_training_data,
+    tokenizer_dir,
+)
 from utils.signals import PreemptionHandler
 from utils.storage import StorageError
 from utils.tasks import Task, build_task
 from utils.uploader import CheckpointPublisher
-
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model"}
-
-
-class TrainingError(RuntimeError):
-    """Stops the run with one readable line (NaN loss, bad resume target, ...)."""
-
-
-# ------------------------------------------------------------------ building blocks
-
-def sync_training_data(config: TrainingConfig, accelerator: Accelerator) -> None:
-    """One process per node downloads (skip-existing); the others wait at the barrier."""
-    if not config.sync_data:
-        return
-    if accelerator.is_local_main_process:
-        from utils.storage import open_store, sync_down
-
-        store = open_store(config.bucket, credentials=config.credentials or None)
-        result = sync_down(store.child(config.data_prefix), Path(config.data_dir),
-                           max_files=config.max_files or None)
-        print(result.summary("downloaded"))
-        if result.failed:
-            raise TrainingError(f"{len(result.failed)} data files failed to sync from "
-                                f"{store.url}/{config.data_prefix}: {result.failed[0]}")
-    accelerator.wait_for_everyone()
-
-
-def open_checkpoint_store(config: TrainingConfig, accelerator: Accelerator):
-    """The bucket for checkpoints, checked for write access now rather than after hours."""
-    if not config.bucket:
-        return None
-    from utils.storage import open_store
-
-    store = open_store(config.bucket, credentials=config.credentials or None)
-    if accelerator.is_main_process:
-        store.check_access(write=True)  # also creates the embedded local bucket directory
-    return store
-
-
-def resolve_resume(config: TrainingConfig, accelerator: Accelerator, local_root: Path,
-                   store) -> Path | None:
-    """The checkpoint to resume from: the newest good one (local or bucket) or a named one.
-
-    The global main process chooses (checksums verified, downloaded if only the bucket has
-    it) and tells the others; every other node's local main then makes sure it holds a
-    verified copy, so all ranks load the same checkpoint. ``accelerator`` may also be
-    mlx_train's one-process stand-in.
-    """
-    if not config.resume:
-        return None
-    prefix = f"checkpoints/{config.run_name}"
-    choice: list[str | None] = [None, None]  # [checkpoint name, error]
-    if accelerator.is_main_process:
-        try:
-            path = checkpoint.choose_resume(config.resume, local_root, store, prefix)
-            choice[0] = path.name if path else None
-        except (CheckpointError, StorageError) as err:
-            choice[1] = str(err)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(choice, src=0)
-    name, error = choice
-    if error:
-        raise TrainingError(error)
-    if name and accelerator.is_local_main_process and not accelerator.is_main_process:
-        checkpoint.fetch(name, local_root, store, prefix)
-    accelerator.wait_for_everyone()
-    return local_root / name if name else None
 
 
 @torch.no_grad()
@@ -188,19 +130,7 @@ def train(config: TrainingConfig) -> dict:
                        global_batch_windows=config.per_device_train_batch_size * world)
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
-        if (saved.num_files, saved.train_windows) != (state.num_files, state.train_windows):
-            raise TrainingError(
-                f"{resume_from.name} was trained on {saved.num_files} files / "
-                f"{saved.train_windows} windows, this run has {state.num_files} / "
-                f"{state.train_windows}: "
-                f"resuming would change the data order; use the same data, --max-files and "
-                f"--seq-len, or start a new --run-name")
-        if saved.global_batch_windows != state.global_batch_windows:
-            say(f"note: global batch changed ({saved.global_batch_windows} -> "
-                f"{state.global_batch_windows} windows); data order kept by window offset")
-        state.step, state.tokens_seen = saved.step, saved.tokens_seen
-        state.position = saved.position
-        say(f"resumed from {resume_from} at step {state.step}")
+        continue_from(state, saved, resume_from, say)
     elif config.resume:
         say("no complete checkpoint found: starting from scratch")
 
@@ -231,7 +161,7 @@ def train(config: TrainingConfig) -> dict:
     # Logging and uploads happen on the global main process only.
     metrics = None
     if accelerator.is_main_process:
-        accelerator.init_trackers(config.run_name, config=_flat(asdict(config)))
+        accelerator.init_trackers(config.run_name, config=flat_hparams(asdict(config)))
         metrics = MetricsWriter(output_dir / "metrics.jsonl", start_step=state.step)
     publisher = CheckpointPublisher(
         store if accelerator.is_main_process else None, f"checkpoints/{config.run_name}",
@@ -242,16 +172,13 @@ def train(config: TrainingConfig) -> dict:
         publisher.catch_up(ckpt_root)  # a kill may have cut the last upload short
     preemption = PreemptionHandler()
 
-    tokenizer_dir = _tokenizer_dir(task.meta, Path(config.data_dir))
+    tokenizer = tokenizer_dir(task.meta, Path(config.data_dir))
 
     def save() -> Path:
         path = checkpoint.save_checkpoint(accelerator, model, optimizer, scheduler, state,
                                           asdict(config), ckpt_root)
         if accelerator.is_main_process:
-            if tokenizer_dir:  # a checkpoint is a whole HF folder: model + tokenizer
-                for file in tokenizer_dir.iterdir():
-                    if file.name in TOKENIZER_FILES:
-                        shutil.copy2(file, path / file.name)
+            copy_tokenizer(tokenizer, path)
             publisher.submit(path)  # the marker is written after this, covering the copies
         return path
 
@@ -292,17 +219,13 @@ def train(config: TrainingConfig) -> dict:
             meter.add(step_tokens)
             bar.update(1)
 
-            log_now = state.step % config.logging_steps == 0 or state.step == config.max_steps
-            save_now = state.step % config.save_steps == 0 or state.step == config.max_steps
+            log_now = due(state.step, config.logging_steps, config.max_steps)
+            save_now = due(state.step, config.save_steps, config.max_steps)
             stop_now = _any_process(accelerator, preemption.requested)
             if log_now or save_now or stop_now:
                 mean_loss = accelerator.reduce(interval_loss, reduction="mean").item()
                 mean_loss /= interval_steps
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"loss became {mean_loss} at step {state.step}: stopping without saving "
-                        f"(lower --learning-rate, or check the data); the last complete "
-                        f"checkpoint is still in {ckpt_root}")
+                check_loss(mean_loss, state.step, ckpt_root)
             if log_now:
                 last_loss = mean_loss
                 record = {"step": state.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
@@ -313,7 +236,7 @@ def train(config: TrainingConfig) -> dict:
                              for k, v in interval_extras.items()}}
                 record["step_time_s"] /= interval_steps
                 record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
-                if state.step % config.eval_steps == 0 or state.step == config.max_steps:
+                if due(state.step, config.eval_steps, config.max_steps):
                     eval_loss = record["eval_loss"] = evaluate(
                         model, task, config.per_device_train_batch_size, accelerator)
                 if metrics:
@@ -360,17 +283,6 @@ def train(config: TrainingConfig) -> dict:
     return summary
 
 
-def _tokenizer_dir(meta: dict, data_dir: Path) -> Path | None:
-    """The data's tokenizer folder (dataset.json names it relative to the cwd or the data)."""
-    name = meta.get("tokenizer")
-    if not name:
-        return None
-    for candidate in (Path(name), data_dir / name):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
-
-
 def _cpu_processes() -> bool:
     """True for a multi-process launch on a machine without CUDA.
 
@@ -387,11 +299,6 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return accelerator.reduce(value, reduction="sum").item() > 0
-
-
-def _flat(config: dict) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

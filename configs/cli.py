@@ -102,6 +102,9 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           f"or use --no-sync-data with data already in --data-dir")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
+    if config.quantize_bits and config.stage == "pretrain" and not config.topics:
+        raise ConfigError("--quantize-bits applies to LoRA stages (a frozen base); use it with "
+                          "--stage sft or dpo")
     if config.stage != "pretrain" or config.topics:
         from utils.finetune import validate_finetune
 

@@ -100,7 +100,12 @@ def run_curriculum(config: TrainingConfig,
     """
     from accelerate import PartialState
 
-    from utils.finetune import merge_adapter, resolve_base
+    from utils.finetune import resolve_base
+
+    if config.backend == "mlx":
+        from utils.mlx_lora import merge_adapter
+    else:
+        from utils.finetune import merge_adapter
 
     stages = plan(Path(config.topics))
     out = Path(config.effective_output_dir)

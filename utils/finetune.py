@@ -22,6 +22,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -349,6 +350,12 @@ def validate_finetune(config: TrainingConfig) -> None:
         raise ConfigError(f"--lora-dropout must be within [0, 1), got {config.lora_dropout}")
     if config.stage == "dpo" and not config.dpo_beta > 0:
         raise ConfigError(f"--dpo-beta must be > 0, got {config.dpo_beta}")
+    if config.quantize_bits not in (0, 4, 8):
+        raise ConfigError(f"--quantize-bits must be 4 or 8 (0 = full-precision base), got "
+                          f"{config.quantize_bits}")
+    if config.quantize_bits and config.backend != "mlx":
+        raise ConfigError("--quantize-bits (QLoRA) needs --backend mlx: the torch backend has no "
+                          "4/8-bit kernels on this install; drop the flag or add --backend mlx")
 
 
 def lora_targets(spec: str) -> list[str]:
@@ -545,6 +552,11 @@ def merge_adapter(ckpt_dir: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # our own write, cut short
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    return publish_dir(tmp, out_dir)
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished folder into place: out_dir is always either the old or the new one."""
     if out_dir.exists():
         old = out_dir.parent / f".old-{out_dir.name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -558,33 +570,34 @@ def merge_adapter(ckpt_dir: Path, out_dir: Path) -> Path:
 
 # ================================================================ the task
 
-def build_finetune_task(config: TrainingConfig) -> Task:
-    """SFT or DPO on a LoRA-wrapped base, for train.py's shared loop."""
-    from utils.tasks import Task
+@dataclass
+class FinetuneData:
+    """What an SFT/DPO stage needs besides its model, the same for both backends."""
 
+    base_path: Path
+    tokenizer_dir: Path             # this run's own copy: train.py copies it into checkpoints
+    vocab_size: int                 # the tokenizer's: the base must be at least this large
+    examples: list[Example]
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+    num_files: int
+    pad_id: int
+
+
+def prepare_finetune(config: TrainingConfig) -> FinetuneData:
+    """Resolve the base and its tokenizer, then read, check and tokenize the stage's data."""
     validate_finetune(config)
     base_path = resolve_base(config)
-    tokenizer_dir = resolve_tokenizer(base_path)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(resolve_tokenizer(base_path))
     files = data_files(config.data_dir)
     load = load_dpo if config.stage == "dpo" else load_sft
     examples = load(files, encoder(tokenizer), tokenizer.eos_token_id, config.seq_len)
-    base = load_base(base_path)
-    if len(tokenizer) > base.config.vocab_size:
-        raise CheckpointError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but base "
-                              f"{base_path} only {base.config.vocab_size}: they do not belong "
-                              f"together; pass the base's own tokenizer")
-    model = build_lora_model(base, config, base_path)
     # Held out: --eval-windows examples, at most a tenth of the data (small datasets).
     n_eval = min(config.eval_windows, max(1, len(examples) // 10)) if len(examples) > 1 else 0
     train_idx, eval_idx = train_eval_split(len(examples), n_eval, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
-    if config.stage == "dpo":
-        loss = partial(dpo_loss, beta=config.dpo_beta)
-    else:
-        loss = sft_loss
-    # train.py copies every file of meta["tokenizer"] into each checkpoint: give it a folder
+    # The loop copies every file of meta["tokenizer"] into each checkpoint: give it a folder
     # with the tokenizer alone (the base's folder also holds weights and training state).
     own_tokenizer = Path(config.effective_output_dir) / "tokenizer"
     from accelerate import PartialState
@@ -592,8 +605,29 @@ def build_finetune_task(config: TrainingConfig) -> Task:
     with PartialState().local_main_process_first():
         if PartialState().is_local_main_process:
             tokenizer.save_pretrained(own_tokenizer)
-    return Task(model=model, examples=examples, train_idx=train_idx, eval_idx=eval_idx,
-                num_files=len(files),
-                collate=partial(torch_collate, pad_id=pad_id, pairs=config.stage == "dpo"),
+    return FinetuneData(base_path=base_path, tokenizer_dir=own_tokenizer,
+                        vocab_size=len(tokenizer), examples=examples, train_idx=train_idx,
+                        eval_idx=eval_idx, num_files=len(files), pad_id=pad_id)
+
+
+def check_vocab(data: FinetuneData, model_vocab: int) -> None:
+    if data.vocab_size > model_vocab:
+        raise CheckpointError(f"the tokenizer of {data.base_path} has {data.vocab_size} tokens "
+                              f"but the model only {model_vocab}: they do not belong together; "
+                              f"pass the base's own tokenizer")
+
+
+def build_finetune_task(config: TrainingConfig) -> Task:
+    """SFT or DPO on a peft LoRA-wrapped base, for train.py's shared loop."""
+    from utils.tasks import Task
+
+    data = prepare_finetune(config)
+    base = load_base(data.base_path)
+    check_vocab(data, base.config.vocab_size)
+    model = build_lora_model(base, config, data.base_path)
+    loss = partial(dpo_loss, beta=config.dpo_beta) if config.stage == "dpo" else sft_loss
+    return Task(model=model, examples=data.examples, train_idx=data.train_idx,
+                eval_idx=data.eval_idx, num_files=data.num_files,
+                collate=partial(torch_collate, pad_id=data.pad_id, pairs=config.stage == "dpo"),
                 loss=loss, count_tokens=_count_tokens,
-                meta={"tokenizer": str(own_tokenizer)})
+                meta={"tokenizer": str(data.tokenizer_dir)})

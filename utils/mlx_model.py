@@ -8,9 +8,12 @@ The checkpoint layout is the torch loop's (``utils/checkpoint.py``) so one folde
     trainer_state.json              -> step, data position, tokens seen, config, backend
     COMPLETE.json                   -> written last by ``utils.checkpoint.write_manifest``
 
+LoRA stages write adapter_config.json + adapter_model.safetensors in peft's format instead of
+the model (``utils/mlx_lora.py``).
+
 No scheduler file: the learning rate is a pure function of the step (``lr_factor``). No RNG
-file: after initialisation nothing in the MLX loop draws random numbers (no dropout; the data
-order depends only on seed and epoch).
+file: the data order depends only on seed and epoch, and LoRA dropout draws from a key seeded
+by (seed, step, micro-batch), so a resumed run repeats the same masks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import pickle
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -152,6 +156,11 @@ def save_pretrained(params: dict, hf_config, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     hf_config.architectures = ["GPTNeoXForCausalLM"]
     hf_config.save_pretrained(directory)
+    save_weights(params, directory)
+
+
+def save_weights(params: dict, directory: Path) -> None:
+    """model.safetensors with transformers' names, fp32 (what ``from_pretrained`` expects)."""
     weights = {k: v.astype(mx.float32) for k, v in hf_weights(params).items()}
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "pt"})
 
@@ -251,18 +260,20 @@ def _to_mx(tensor) -> mx.array:
 
 # ------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(params: dict, optimizer: optim.Optimizer, hf_config, state: TrainState,
-                    config_dict: dict, root: Path) -> Path:
+def save_checkpoint(write_weights: Callable[[Path], None], optimizer: optim.Optimizer,
+                    state: TrainState, config_dict: dict, root: Path) -> Path:
     """Write the checkpoint under a temporary name, then rename it; the marker comes later.
 
-    ``utils.checkpoint.write_manifest`` (run by the publisher) marks it complete.
+    ``write_weights(folder)`` writes the model (config.json + model.safetensors) or the LoRA
+    adapters (peft's two files); ``utils.checkpoint.write_manifest`` (run by the publisher)
+    marks the checkpoint complete.
     """
     name = checkpoint_name(state)
     final, tmp = root / name, root / f".tmp-{name}"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-checkpoint-*"):  # writes cut short by a crash
         shutil.rmtree(stale, ignore_errors=True)
-    save_pretrained(params, hf_config, tmp)
+    write_weights(tmp)
     save_optimizer(optimizer, tmp / "optimizer.safetensors")
     trainer_state = {"state": state.to_dict(), "epoch": state.position.epoch,
                      "config": config_dict, "backend": "mlx"}
@@ -278,27 +289,35 @@ def save_checkpoint(params: dict, optimizer: optim.Optimizer, hf_config, state: 
     return final
 
 
-def load_checkpoint(model: Model, optimizer: optim.Optimizer,
-                    ckpt_dir: Path) -> tuple[dict, TrainState]:
+def load_checkpoint(model: Model, optimizer: optim.Optimizer, ckpt_dir: Path,
+                    read_weights: Callable[[Path], None] | None = None) -> tuple[dict, TrainState]:
     """Restore weights and optimizer state (MLX's, or converted from torch's); return both.
 
-    Returns the fp32 parameter tree and the saved TrainState.
+    ``read_weights`` loads a LoRA checkpoint's adapters (default: the full model). Returns the
+    fp32 trainable parameter tree and the saved TrainState.
     """
     problem = verify(ckpt_dir, hashes=True)
     if problem:
         raise CheckpointError(f"checkpoint {ckpt_dir} is not usable: {problem}; "
                               f"resume from another one (--resume latest skips it)")
     try:
-        load_weights(model, mx.load(str(ckpt_dir / "model.safetensors")),
-                     ckpt_dir / "model.safetensors")
-        params = model.parameters()
+        if read_weights is None:
+            load_weights(model, mx.load(str(ckpt_dir / "model.safetensors")),
+                         ckpt_dir / "model.safetensors")
+        else:
+            read_weights(ckpt_dir)
+        params = model.trainable_parameters()
         if (ckpt_dir / "optimizer.safetensors").is_file():
             source = ckpt_dir / "optimizer.safetensors"
             state = tree_unflatten(list(mx.load(str(source)).items()))
-        else:  # torch's: convert (utils.checkpoint requires one of the two)
+        elif read_weights is None:  # torch's: convert (utils.checkpoint requires one of the two)
             source = ckpt_dir / "optimizer.pt"
             state = torch_optimizer_state(ckpt_dir,
                                           json.loads((ckpt_dir / "config.json").read_text()))
+        else:
+            raise CheckpointError(f"{ckpt_dir} is a torch LoRA checkpoint: resume it with "
+                                  f"--backend torch, or start an MLX run on it with "
+                                  f"--init-from {ckpt_dir}")
         restore_optimizer(optimizer, params, state, source)
         saved = json.loads((ckpt_dir / "trainer_state.json").read_text())
         return params, TrainState.from_dict(saved["state"])
