@@ -60,3 +60,24 @@ def run_train(*args: str, tmp_path: Path, timeout: float = 300, env: dict | None
                 "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-step smoke checkpoint (config.json, model.safetensors, tokenizer, marker): the base
+    of the LoRA tests on both backends."""
+    from utils.checkpoint import find_complete
+
+    tmp = tmp_path_factory.mktemp("base")
+    result = run_train("--config", "smoke", "--data-dir", str(sample_data), "--bucket", "",
+                       "--output-dir", str(tmp / "out"), "--seq-len", "64", "--max-steps", "30",
+                       "--save-steps", "30", "--learning-rate", "3e-3", tmp_path=tmp)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return find_complete(tmp / "out" / "checkpoints")[-1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base: Path):
+    from utils.finetune import load_tokenizer, resolve_tokenizer
+
+    return load_tokenizer(resolve_tokenizer(tiny_base))

@@ -21,6 +21,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
+from lora_data import (
+    HELD_OUT_PAIRS,
+    LORA,
+    PAIRS,
+    TRAIN_PAIRS,
+    error_line,
+    metrics,
+    prefs,
+    qa,
+    refusals,
+    write_jsonl,
+)
 
 from configs.training_config import TrainingConfig
 from utils.checkpoint import CheckpointError, find_complete, verify
@@ -36,7 +48,6 @@ from utils.finetune import (
     load_base,
     load_dpo,
     load_sft,
-    load_tokenizer,
     merge_adapter,
     pad_sft,
     resolve_base,
@@ -45,42 +56,6 @@ from utils.finetune import (
     torch_collate,
 )
 
-PAIRS = [(a, b) for a in range(10) for b in range(10)]
-TRAIN_PAIRS, HELD_OUT_PAIRS = PAIRS[::2], PAIRS[1::2][:16]
-LORA = ["--config", "smoke", "--bucket", "", "--seq-len", "64", "--eval-windows", "4",
-        "--eval-steps", "1000", "--logging-steps", "5", "--warmup-steps", "2",
-        "--per-device-train-batch-size", "8", "--save-total-limit", "0"]
-
-
-def _write(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def _qa(pairs) -> list[dict]:
-    return [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
-
-
-def _prefs(pairs) -> list[dict]:
-    return [{"prompt": f"Question: What is {a} + {b}?\nAnswer:", "chosen": f" {a + b}",
-             "rejected": f" {a + b + 1}"} for a, b in pairs]
-
-
-def _refusals(pairs) -> list[dict]:
-    """Preferences a 30-step base can learn quickly: an answer over a refusal."""
-    return [{"prompt": f"Question: What is {a} + {b}?\nAnswer:", "chosen": f" {a + b}",
-             "rejected": " I do not know"} for a, b in pairs]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _error_line(stderr: str) -> str:
-    return next(line for line in stderr.replace("\r", "\n").splitlines()
-                if line.startswith("error:"))
-
 
 def _lora_config(base: Path, **overrides) -> TrainingConfig:
     return replace(TrainingConfig(stage="sft", init_from=str(base), lora_dropout=0.0,
@@ -88,27 +63,11 @@ def _lora_config(base: Path, **overrides) -> TrainingConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_base(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 30-step smoke checkpoint (config.json, model.safetensors, tokenizer, marker)."""
-    tmp = tmp_path_factory.mktemp("base")
-    result = run_train("--config", "smoke", "--data-dir", str(sample_data), "--bucket", "",
-                       "--output-dir", str(tmp / "out"), "--seq-len", "64", "--max-steps", "30",
-                       "--save-steps", "30", "--learning-rate", "3e-3", tmp_path=tmp)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return find_complete(tmp / "out" / "checkpoints")[-1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base: Path):
-    return load_tokenizer(resolve_tokenizer(tiny_base))
-
-
-@pytest.fixture(scope="module")
 def sft_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One real SFT run (train.py, --merge) on arithmetic answers; held-out file kept apart."""
     tmp = tmp_path_factory.mktemp("sft")
-    train_file = _write(tmp / "data" / "train.jsonl", _qa(TRAIN_PAIRS))
-    held_out = _write(tmp / "held_out.jsonl", _qa(HELD_OUT_PAIRS))
+    train_file = write_jsonl(tmp / "data" / "train.jsonl", qa(TRAIN_PAIRS))
+    held_out = write_jsonl(tmp / "held_out.jsonl", qa(HELD_OUT_PAIRS))
     out = tmp / "out"
     result = run_train(*LORA, "--stage", "sft", "--init-from", str(tiny_base), "--data-dir",
                        str(train_file.parent), "--output-dir", str(out), "--max-steps", "40",
@@ -137,7 +96,7 @@ def test_three_sft_formats_mask_prompts_and_end_answers_with_eos(tmp_path, token
                           {"role": "assistant", "content": "Hello"},
                           {"role": "user", "content": "Bye"},
                           {"role": "assistant", "content": "Goodbye"}]}]
-    examples = load_sft([_write(tmp_path / "a.jsonl", rows)], encoder(tokenizer),
+    examples = load_sft([write_jsonl(tmp_path / "a.jsonl", rows)], encoder(tokenizer),
                         tokenizer.eos_token_id, 64)
     eos = tokenizer.eos_token
     trained = [tokenizer.decode(e["labels"][e["labels"] != IGNORE]) for e in examples]
@@ -164,7 +123,7 @@ def test_three_sft_formats_mask_prompts_and_end_answers_with_eos(tmp_path, token
     ('["a", "b"]', "expected a JSON object, got list"),
 ])
 def test_bad_dpo_line_names_file_and_line(tmp_path, tokenizer, line, expected):
-    path = _write(tmp_path / "dpo.jsonl", [*_prefs(PAIRS[:2]), "", line])  # blank line skipped
+    path = write_jsonl(tmp_path / "dpo.jsonl", [*prefs(PAIRS[:2]), "", line])  # blank line skipped
     with pytest.raises(DataError) as err:
         load_dpo([path], encoder(tokenizer), tokenizer.eos_token_id, 64)
     assert str(err.value).startswith(f"{path}:4: ") and expected in str(err.value)
@@ -179,14 +138,14 @@ def test_bad_dpo_line_names_file_and_line(tmp_path, tokenizer, line, expected):
     ({"messages": "hi"}, "'messages' must be a non-empty list"),
 ])
 def test_bad_sft_line_names_file_and_line(tmp_path, tokenizer, line, expected):
-    path = _write(tmp_path / "sft.jsonl", [*_qa(PAIRS[:1]), line])
+    path = write_jsonl(tmp_path / "sft.jsonl", [*qa(PAIRS[:1]), line])
     with pytest.raises(DataError) as err:
         load_sft([path], encoder(tokenizer), tokenizer.eos_token_id, 64)
     assert str(err.value).startswith(f"{path}:2: ") and expected in str(err.value)
 
 
 def test_example_without_answer_room_is_an_error(tmp_path, tokenizer):
-    path = _write(tmp_path / "long.jsonl", [{"prompt": "word " * 80, "completion": " x"}])
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 80, "completion": " x"}])
     with pytest.raises(DataError, match=r"long.jsonl:1: no answer token left within --seq-len"):
         load_sft([path], encoder(tokenizer), tokenizer.eos_token_id, 32)
 
@@ -210,7 +169,7 @@ def test_prompt_and_padding_positions_get_no_gradient(tmp_path, tiny_base, token
     model = build_lora_model(load_base(tiny_base), _lora_config(tiny_base), tiny_base)
     rows = [{"question": "What is 7 + 8?", "answer": "15"},
             {"prompt": "A much longer prompt that pads the other row", "completion": " yes"}]
-    examples = load_sft([_write(tmp_path / "s.jsonl", rows)], encoder(tokenizer),
+    examples = load_sft([write_jsonl(tmp_path / "s.jsonl", rows)], encoder(tokenizer),
                         tokenizer.eos_token_id, 64)
     batch = torch_collate(examples, tokenizer.pad_token_id, pairs=False)
     captured = {}
@@ -271,7 +230,7 @@ def test_dpo_reference_is_the_base_with_adapters_off(tmp_path, tiny_base, tokeni
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)  # a trained-looking adapter: policy != reference
-    pairs = load_dpo([_write(tmp_path / "d.jsonl", _prefs(PAIRS[:3]))], encoder(tokenizer),
+    pairs = load_dpo([write_jsonl(tmp_path / "d.jsonl", prefs(PAIRS[:3]))], encoder(tokenizer),
                      tokenizer.eos_token_id, 64)
     batch = torch_collate(pairs, tokenizer.pad_token_id, pairs=True)
     model.eval()
@@ -345,7 +304,7 @@ def test_sft_run_raises_held_out_answer_likelihood_and_merges(sft_run, tiny_base
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
     assert "model.safetensors" not in names  # adapters only: megabytes, not the base
     assert json.loads((ckpt / "trainer_state.json").read_text())["state"]["step"] == 40
-    records = _metrics(out)
+    records = metrics(out)
     assert records[-1]["loss"] < records[0]["loss"]
 
     held_out = load_sft([sft_run["held_out"]], encoder(tokenizer), tokenizer.eos_token_id, 64)
@@ -383,19 +342,19 @@ def test_sft_resume_is_exact(sft_run, tiny_base, tmp_path):
     got = load_file(find_complete(second / "checkpoints")[-1] / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert _metrics(second)[-1]["loss"] == _metrics(first)[-1]["loss"]
+    assert metrics(second)[-1]["loss"] == metrics(first)[-1]["loss"]
 
 
 @pytest.mark.slow
 def test_dpo_run_raises_reward_accuracy_on_its_pairs(tiny_base, tokenizer, tmp_path):
-    data = _write(tmp_path / "dpo.jsonl", _refusals(TRAIN_PAIRS[:32]))
+    data = write_jsonl(tmp_path / "dpo.jsonl", refusals(TRAIN_PAIRS[:32]))
     out = tmp_path / "out"
     result = run_train(*LORA, "--stage", "dpo", "--init-from", str(tiny_base), "--data-dir",
                        str(data), "--output-dir", str(out), "--max-steps", "20",
                        "--save-steps", "20", "--learning-rate", "3e-3", "--dpo-beta", "0.1",
                        tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = _metrics(out)
+    records = metrics(out)
     for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy",
                 "reward_margin"):
         assert all(key in r for r in records), key
@@ -420,12 +379,12 @@ def test_dpo_run_raises_reward_accuracy_on_its_pairs(tiny_base, tokenizer, tmp_p
 # ---------------------------------------------------------------- CLI errors, base resolution
 
 def test_bad_line_via_cli_is_one_line_naming_file_and_line(tiny_base, tmp_path):
-    bad = _write(tmp_path / "dpo.jsonl", [*_prefs(PAIRS[:2]), {"prompt": "Q", "chosen": "",
+    bad = write_jsonl(tmp_path / "dpo.jsonl", [*prefs(PAIRS[:2]), {"prompt": "Q", "chosen": "",
                                                                "rejected": "x"}])
     result = run_train(*LORA, "--stage", "dpo", "--init-from", str(tiny_base), "--data-dir",
                        str(bad), "--output-dir", str(tmp_path / "out"), tmp_path=tmp_path)
     assert result.returncode == 1
-    assert f"{bad}:3: 'chosen' is empty" in _error_line(result.stderr)
+    assert f"{bad}:3: 'chosen' is empty" in error_line(result.stderr)
 
 
 def test_lora_flags_are_checked_at_parse_time_with_one_line(capsys):
@@ -501,8 +460,8 @@ def test_resumed_run_keeps_its_base_and_generate_prints(sft_run, tiny_base, tmp_
 def test_curriculum_resumes_at_the_first_unfinished_stage(tiny_base, tmp_path):
     topics = tmp_path / "topics"
     for name, pairs in (("01-small", PAIRS[:8]), ("02-large", PAIRS[50:58])):
-        _write(topics / name / "sft.jsonl", _qa(pairs))
-        _write(topics / name / "dpo.jsonl", _prefs(pairs))
+        write_jsonl(topics / name / "sft.jsonl", qa(pairs))
+        write_jsonl(topics / name / "dpo.jsonl", prefs(pairs))
     out = tmp_path / "out"
     args = [*LORA, "--stage", "sft", "--topics", str(topics), "--init-from", str(tiny_base),
             "--output-dir", str(out), "--max-steps", "3", "--save-steps", "3",
@@ -544,4 +503,4 @@ def test_curriculum_resumes_at_the_first_unfinished_stage(tiny_base, tmp_path):
     assert (out / "02-large" / "dpo" / "merged" / "model.safetensors").is_file()
     again = run_train(*args, tmp_path=tmp_path)
     assert again.returncode == 0 and "all 4 stages already finished" in again.stdout
-    assert np.isfinite([r["loss"] for r in _metrics(out / "02-large" / "dpo")]).all()
+    assert np.isfinite([r["loss"] for r in metrics(out / "02-large" / "dpo")]).all()

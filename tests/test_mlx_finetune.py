@@ -1,0 +1,324 @@
+"""LoRA SFT, DPO and QLoRA on the MLX backend: the torch side's behavioural tests, mirrored.
+
+Adapters cross over through peft's file format: an MLX adapter is loaded by
+``PeftModel.from_pretrained`` and judged in torch, and a peft adapter loads in MLX. The losses
+are checked against the torch implementations on the same adapter and batch. Runs are real
+``train.py --backend mlx`` processes on the CPU; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from conftest import run_train
+from lora_data import (
+    HELD_OUT_PAIRS,
+    LORA,
+    PAIRS,
+    TRAIN_PAIRS,
+    metrics,
+    prefs,
+    qa,
+    refusals,
+    write_jsonl,
+)
+from mlx.utils import tree_flatten, tree_unflatten
+from peft import PeftModel
+
+from configs.cli import parse_args
+from configs.training_config import TrainingConfig
+from utils import mlx_tasks
+from utils.checkpoint import CheckpointError, find_complete
+from utils.finetune import (
+    LORA_TARGETS,
+    answer_logps,
+    build_lora_model,
+    dpo_loss,
+    encoder,
+    load_base,
+    load_dpo,
+    load_sft,
+    pad_dpo,
+    pad_sft,
+    sft_loss,
+    torch_collate,
+)
+from utils.mlx_lora import (
+    adapters_disabled,
+    apply_lora,
+    load_adapter,
+    quantize_base,
+    save_adapter,
+)
+from utils.mlx_lora import load_base as mlx_load_base
+from utils.mlx_model import openblas_preload
+
+MLX = ["--backend", "mlx"]
+ENV = openblas_preload()  # MLX processes only; {} where Debian's OpenBLAS is not installed
+TARGETS = list(LORA_TARGETS)
+
+
+def _mlx_lora_model(base: Path, r: int = 8, alpha: float = 16.0) -> nn.Module:
+    """The base with LoRA on every target and random B: a trained-looking adapter."""
+    model, _ = mlx_load_base(base)
+    mx.random.seed(0)
+    apply_lora(model, r, alpha, 0.0, TARGETS)
+    model.update(tree_unflatten([
+        (name, mx.random.normal(p.shape) * 0.05 if name.endswith("lora_b") else p)
+        for name, p in tree_flatten(model.trainable_parameters())]))
+    model.eval()
+    return model
+
+
+def _ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 2048, (2, 24))
+
+
+def _mlx_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    return np.array(model(mx.array(ids.astype(np.int32))))
+
+
+def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+def _mean_answer_logp(model, examples, pad_id: int) -> float:
+    batch = torch_collate(examples, pad_id, pairs=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    return answer_logps(logits, batch["labels"]).mean().item()
+
+
+def _mlx_sft(tiny_base: Path, data: Path, out: Path, tmp: Path, *extra: str):
+    return run_train(*LORA, *MLX, "--stage", "sft", "--init-from", str(tiny_base),
+                     "--data-dir", str(data), "--output-dir", str(out), "--learning-rate",
+                     "3e-3", *extra, tmp_path=tmp, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def mlx_sft_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real MLX SFT run (40 steps, LoRA dropout 0.1, --merge) on arithmetic answers."""
+    tmp = tmp_path_factory.mktemp("mlx-sft")
+    train_file = write_jsonl(tmp / "data" / "train.jsonl", qa(TRAIN_PAIRS))
+    out = tmp / "out"
+    result = _mlx_sft(tiny_base, train_file.parent, out, tmp, "--max-steps", "40",
+                      "--save-steps", "20", "--merge")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"out": out, "data": train_file.parent, "ckpt": find_complete(out / "checkpoints")[-1]}
+
+
+# ---------------------------------------------------------------- adapters and losses
+
+def test_mlx_adapter_loads_in_peft_and_both_losses_agree(tmp_path, tiny_base, tokenizer):
+    """Same adapter, same batch: logits, SFT loss and DPO loss (reference = adapters off) agree."""
+    model = _mlx_lora_model(tiny_base)
+    adapter = tmp_path / "adapter"
+    save_adapter(model.trainable_parameters(), adapter, r=8, alpha=16.0, dropout=0.0,
+                 targets=TARGETS, base=tiny_base)
+    peft_model = PeftModel.from_pretrained(load_base(tiny_base), adapter).eval()
+    ids = _ids()
+    np.testing.assert_allclose(_mlx_logits(model, ids), _torch_logits(peft_model, ids),
+                               atol=1e-4)
+
+    pad = tokenizer.pad_token_id
+    sft = load_sft([write_jsonl(tmp_path / "s.jsonl", qa(PAIRS[:5]))], encoder(tokenizer),
+                   tokenizer.eos_token_id, 64)
+    mlx_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(pad_sft(sft, pad)))
+    torch_loss, _ = sft_loss(peft_model, torch_collate(sft, pad, pairs=False))
+    assert mlx_loss.item() == pytest.approx(torch_loss.item(), rel=1e-5)
+
+    pairs = load_dpo([write_jsonl(tmp_path / "d.jsonl", prefs(PAIRS[:3]))], encoder(tokenizer),
+                     tokenizer.eos_token_id, 64)
+    mlx_dpo, mlx_extras = mlx_tasks.dpo_loss(model, mlx_tasks.to_mx(pad_dpo(pairs, pad)), 0.2)
+    with torch.no_grad():
+        torch_dpo, torch_extras = dpo_loss(peft_model, torch_collate(pairs, pad, pairs=True), 0.2)
+    assert mlx_dpo.item() == pytest.approx(torch_dpo.item(), rel=1e-4)
+    for key, value in torch_extras.items():
+        assert mlx_extras[key].item() == pytest.approx(value.item(), abs=1e-5), key
+    assert abs(mlx_extras["reward_margin"].item()) > 1e-3  # policy differs from the reference
+
+    # The reference is the base itself, and the adapters come back afterwards.
+    fresh_base, _ = mlx_load_base(tiny_base)
+    with adapters_disabled(model):
+        np.testing.assert_allclose(_mlx_logits(model, ids), _mlx_logits(fresh_base, ids),
+                                   atol=1e-5)
+    np.testing.assert_allclose(_mlx_logits(model, ids), _torch_logits(peft_model, ids),
+                               atol=1e-4)
+
+
+def test_only_answer_tokens_carry_gradient(tmp_path, tiny_base, tokenizer):
+    """Changing prompt or padding labels' targets does not change the loss; answers do."""
+    model = _mlx_lora_model(tiny_base)
+    sft = load_sft([write_jsonl(tmp_path / "s.jsonl", qa(PAIRS[:4]))], encoder(tokenizer),
+                   tokenizer.eos_token_id, 64)
+    batch = pad_sft(sft, tokenizer.pad_token_id)
+    base_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(batch))
+    prompt_or_pad = batch["labels"] == -100
+    shuffled = dict(batch, input_ids=np.where(
+        prompt_or_pad & (batch["attention_mask"] == 0), 7, batch["input_ids"]))
+    padded_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(shuffled))
+    assert padded_loss.item() == pytest.approx(base_loss.item(), rel=1e-6)  # padding is inert
+    answers = dict(batch, labels=np.where(prompt_or_pad, -100, 5))
+    answer_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(answers))
+    assert answer_loss.item() != pytest.approx(base_loss.item(), rel=1e-3)
+
+    grads = nn.value_and_grad(model, lambda m, b: mlx_tasks.sft_loss(m, b)[0])(
+        model, mlx_tasks.to_mx(batch))[1]
+    names = [name for name, _ in tree_flatten(grads)]
+    assert names and all(name.endswith(("lora_a", "lora_b")) for name in names)
+
+
+def test_torch_adapter_loads_in_mlx_with_the_same_logits(tmp_path, tiny_base):
+    torch.manual_seed(1)
+    config = TrainingConfig(stage="sft", init_from=str(tiny_base), lora_dropout=0.0,
+                            run_name="t", lora_target_modules=",".join(TARGETS))
+    peft_model = build_lora_model(load_base(tiny_base), config, tiny_base)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.eval()
+    adapter = tmp_path / "torch-adapter"
+    peft_model.save_pretrained(adapter)
+    want = _torch_logits(peft_model, _ids())
+
+    fused, hf_config = mlx_load_base(adapter)  # fused onto its base, as --init-from does
+    assert hf_config["model_type"] == "gpt_neox"
+    np.testing.assert_allclose(_mlx_logits(fused, _ids()), want, atol=1e-4)
+    model, _ = mlx_load_base(tiny_base)
+    apply_lora(model, config.lora_r, config.lora_alpha, 0.0, TARGETS)
+    load_adapter(model, adapter)
+    np.testing.assert_allclose(_mlx_logits(model, _ids()), want, atol=1e-4)
+
+    fewer, _ = mlx_load_base(tiny_base)
+    apply_lora(fewer, config.lora_r, config.lora_alpha, 0.0, ["query_key_value"])
+    with pytest.raises(CheckpointError, match="same --lora-target-modules") as err:
+        load_adapter(fewer, adapter)
+    assert "\n" not in str(err.value)
+
+
+def test_quantized_base_keeps_fp32_adapters(tiny_base):
+    model, _ = mlx_load_base(tiny_base)
+    quantize_base(model, 4)
+    apply_lora(model, 8, 16.0, 0.0, TARGETS)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert len(quantized) == 4 * model.args.num_hidden_layers + 1  # every target + embed_out
+    assert {p.dtype for _, p in tree_flatten(model.trainable_parameters())} == {mx.float32}
+    logits = _mlx_logits(model, _ids())
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "sft", "--quantize-bits", "4"], "needs --backend mlx"),
+    (["--config", "sft", "--backend", "mlx", "--quantize-bits", "3"], "must be 4 or 8"),
+    (["--config", "smoke", "--backend", "mlx", "--quantize-bits", "4"], "LoRA stages"),
+])
+def test_quantize_flag_mistakes_are_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err
+
+
+# ---------------------------------------------------------------- real runs
+
+@pytest.mark.slow
+def test_mlx_sft_raises_held_out_answer_likelihood_in_torch_and_merges(
+        mlx_sft_run, tiny_base, tokenizer, tmp_path):
+    out, ckpt = mlx_sft_run["out"], mlx_sft_run["ckpt"]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
+            "tokenizer.json", "COMPLETE.json"} <= names
+    assert "model.safetensors" not in names  # adapters only
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["state"]["step"] == 40 and state["backend"] == "mlx"
+    records = metrics(out)
+    assert records[-1]["loss"] < records[0]["loss"]
+
+    held_out = load_sft([write_jsonl(tmp_path / "held_out.jsonl", qa(HELD_OUT_PAIRS))],
+                        encoder(tokenizer), tokenizer.eos_token_id, 64)
+    before = _mean_answer_logp(load_base(tiny_base).eval(), held_out, tokenizer.pad_token_id)
+    tuned = PeftModel.from_pretrained(load_base(tiny_base), ckpt).eval()  # the MLX adapter
+    after = _mean_answer_logp(tuned, held_out, tokenizer.pad_token_id)
+    assert after > before + 1.0, (before, after)  # nats per answer, on unseen questions
+
+    merged = out / "merged"
+    assert (merged / "tokenizer.json").is_file()
+    ids = held_out[0]["input_ids"][None]
+    np.testing.assert_allclose(_torch_logits(load_base(merged).eval(), ids),
+                               _torch_logits(tuned, ids), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mlx_sft_resume_is_exact_with_dropout(mlx_sft_run, tiny_base, tmp_path):
+    """Resumed from step 20, the run ends with the adapters of the one that ran on (bitwise)."""
+    first = mlx_sft_run["out"]
+    second = tmp_path / "resumed"
+    step20 = next(p for p in find_complete(first / "checkpoints") if "-step20-" in p.name)
+    shutil.copytree(step20, second / "checkpoints" / step20.name)
+    result = _mlx_sft(tiny_base, mlx_sft_run["data"], second, tmp_path, "--max-steps", "40",
+                      "--save-steps", "20", "--resume", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 20" in result.stdout
+    want = mx.load(str(mlx_sft_run["ckpt"] / "adapter_model.safetensors"))
+    got = mx.load(str(find_complete(second / "checkpoints")[-1] / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    assert all(mx.array_equal(want[k], got[k]).item() for k in want)
+    assert metrics(second)[-1]["loss"] == metrics(first)[-1]["loss"]
+
+
+@pytest.mark.slow
+def test_mlx_dpo_compiled_run_raises_reward_accuracy_judged_in_torch(tiny_base, tokenizer,
+                                                                       tmp_path):
+    data = write_jsonl(tmp_path / "dpo.jsonl", refusals(TRAIN_PAIRS[:32]))
+    out = tmp_path / "out"
+    result = run_train(*LORA, *MLX, "--stage", "dpo", "--init-from", str(tiny_base),
+                       "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "20",
+                       "--save-steps", "20", "--learning-rate", "3e-3", "--dpo-beta", "0.1",
+                       "--compile", tmp_path=tmp_path, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(out)
+    for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy",
+                "reward_margin"):
+        assert all(key in r for r in records), key
+    assert records[-1]["reward_margin"] > records[0]["reward_margin"] > 0
+    assert records[-1]["loss"] < 0.5 * math.log(2)  # log 2: policy == reference
+
+    pairs = load_dpo([data], encoder(tokenizer), tokenizer.eos_token_id, 64)
+    model = PeftModel.from_pretrained(load_base(tiny_base),
+                                      find_complete(out / "checkpoints")[-1]).eval()
+    batch = torch_collate(pairs, tokenizer.pad_token_id, pairs=True)
+    with torch.no_grad():
+        _, extras = dpo_loss(model, batch, beta=0.1)
+    assert extras["reward_accuracy"].item() >= 0.9
+
+
+@pytest.mark.slow
+def test_qlora_4bit_run_learns_and_its_adapter_serves_the_full_base(tiny_base, tokenizer,
+                                                                     tmp_path):
+    train_file = write_jsonl(tmp_path / "data" / "train.jsonl", qa(TRAIN_PAIRS))
+    out = tmp_path / "out"
+    result = _mlx_sft(tiny_base, train_file.parent, out, tmp_path, "--max-steps", "30",
+                      "--save-steps", "30", "--quantize-bits", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4-bit base" in result.stdout
+    records = metrics(out)
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+
+    examples = load_sft([train_file], encoder(tokenizer), tokenizer.eos_token_id, 64)[:16]
+    before = _mean_answer_logp(load_base(tiny_base).eval(), examples, tokenizer.pad_token_id)
+    tuned = PeftModel.from_pretrained(load_base(tiny_base),
+                                      find_complete(out / "checkpoints")[-1]).eval()
+    after = _mean_answer_logp(tuned, examples, tokenizer.pad_token_id)
+    assert after > before + 1.0, (before, after)
