@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -83,11 +84,31 @@ class SftData:
     examples: int
     mean_tokens: float  # prompt + completion + EOS per example: real (non-padding) tokens
     mean_trained: float  # completion + EOS per example: what mlx_lm's Tokens/sec counts
-    lengths: tuple[int, int]
+    lengths: list[int]  # real tokens of each example
 
     def describe(self) -> str:
-        return (f"{self.examples} examples, {self.lengths[0]}-{self.lengths[1]} tokens, "
+        return (f"{self.examples} examples, {min(self.lengths)}-{max(self.lengths)} tokens, "
                 f"mean {self.mean_tokens:.1f} (completion + EOS {self.mean_trained:.1f})")
+
+    def positions_per_step(self, batch: int, seq_len: int, mlx_lm: bool) -> float:
+        """Mean token positions the model runs per step, padding included, over an epoch.
+
+        Ours: random batches right-padded to their longest example. mlx_lm: examples sorted
+        by length into batches, padded to 1 + a multiple of 32 (at most seq_len), the last
+        column dropped as it is only a target.
+        """
+        if mlx_lm:
+            ordered = sorted(self.lengths)
+            widths = [min(1 + 32 * -(-max(ordered[i:i + batch]) // 32), seq_len) - 1
+                      for i in range(0, len(ordered) - batch + 1, batch)]
+        else:
+            rng = random.Random(0)
+            widths = []
+            for _ in range(20):
+                order = rng.sample(self.lengths, len(self.lengths))
+                widths += [min(max(order[i:i + batch]), seq_len)
+                           for i in range(0, len(order) - batch + 1, batch)]
+        return batch * statistics.mean(widths)
 
 
 def make_base(out: Path) -> Path:
@@ -138,7 +159,7 @@ def make_sft_data(base: Path, folder: Path, count: int, seed: int, min_tokens: i
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     totals = [p + c for p, c in sizes]
     return SftData(folder, count, statistics.mean(totals), statistics.mean(c for _, c in sizes),
-                   (min(totals), max(totals)))
+                   totals)
 
 
 def mlx_lm_model(base: Path, folder: Path) -> Path:
@@ -173,9 +194,12 @@ def check_same_tokens(model: Path, base: Path, data: SftData) -> None:
                    env=child_env(openblas_preload()))
 
 
-def run_mlx_lm(model: Path, data: SftData, batch: int, seq_len: int, steps: int,
-               work: Path) -> list[dict]:
-    """Per-interval figures of one ``mlx_lm lora`` process (first interval kept, marked)."""
+def run_mlx_lm(model: Path, data: SftData, batch: int, seq_len: int, steps: int, work: Path,
+               compile: bool) -> list[dict]:
+    """Per-interval figures of one ``mlx_lm lora`` process, the first (warm-up) left out.
+
+    mlx_lm always compiles its step; ``compile=False`` turns that off with MLX_DISABLE_COMPILE.
+    """
     config = {
         "model": str(model), "train": True, "data": str(data.folder), "fine_tune_type": "lora",
         "num_layers": -1, "batch_size": batch, "iters": steps, "max_seq_length": seq_len,
@@ -191,7 +215,8 @@ def run_mlx_lm(model: Path, data: SftData, batch: int, seq_len: int, steps: int,
     config_file.write_text(json.dumps(config, indent=1))  # JSON is YAML
     done = subprocess.run([sys.executable, "-c", MLX_LM_HOOK, "-c", str(config_file)],
                           cwd=REPO, capture_output=True, text=True,
-                          env=child_env(openblas_preload()))
+                          env=child_env({**openblas_preload(),
+                                         **({} if compile else {"MLX_DISABLE_COMPILE": "1"})}))
     if done.returncode != 0:
         raise RuntimeError("mlx_lm lora failed:\n" + (done.stdout + done.stderr)[-3000:])
     reports = [json.loads(line[6:]) for line in done.stdout.splitlines()
@@ -206,12 +231,14 @@ def run_mlx_lm(model: Path, data: SftData, batch: int, seq_len: int, steps: int,
     return out
 
 
-def run_ours(base: Path, data: SftData, batch: int, seq_len: int, steps: int) -> list[dict]:
-    """Per-interval figures of one ``train.py --backend mlx --stage sft --compile`` process."""
+def run_ours(base: Path, data: SftData, batch: int, seq_len: int, steps: int,
+             compile: bool) -> list[dict]:
+    """Per-interval figures of one ``train.py --backend mlx --stage sft [--compile]`` run."""
     flags = ["--backend", "mlx", "--stage", "sft", "--init-from", str(base),
              "--data-dir", str(data.folder), "--seq-len", str(seq_len),
              "--per-device-train-batch-size", str(batch), "--warmup-steps", "2",
-             "--learning-rate", str(LR), "--weight-decay", "0.1", "--compile", *LORA_FLAGS]
+             "--learning-rate", str(LR), "--weight-decay", "0.1", *LORA_FLAGS,
+             *(["--compile"] if compile else [])]
     records = train_metrics(flags, child_env(openblas_preload()), steps)
     return [{"it_per_s": 1 / r["step_time_s"], "real_tokens_per_s": r["tokens_per_s"],
              "own_tokens_per_s": r["tokens_per_s"], "own_it_per_s": 1 / r["step_time_s"]}
@@ -231,6 +258,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compiled steps on both sides (mlx_lm: MLX_DISABLE_COMPILE=1 if off)")
     parser.add_argument("--only", choices=["mlx_lm", "ours"], help="run one side (debugging)")
     parser.add_argument("--work", type=Path, help="keep base/data here (default: a temp dir)")
     args = parser.parse_args()
@@ -244,16 +273,18 @@ def main() -> None:
         model = mlx_lm_model(base, work / "mlx_lm_model")
         check_same_tokens(model, base, data)
         print(f"base {base}\ndata {data.describe()}; identical token ids on both sides\n"
-              f"batch {args.batch}, seq_len {args.seq_len}, {args.steps} steps, OpenBLAS "
+              f"batch {args.batch}, seq_len {args.seq_len}, {args.steps} steps, compile "
+              f"{args.compile}, OpenBLAS "
               f"{'preloaded' if openblas_preload() else 'NOT preloaded'}", flush=True)
         sides = ["mlx_lm", "ours"] if args.only is None else [args.only]
         results: dict[str, list[list[dict]]] = {side: [] for side in sides}
         started = time.perf_counter()
         for repeat in range(args.repeats):
             for side in sides if repeat % 2 == 0 else sides[::-1]:
-                run = (run_mlx_lm(model, data, args.batch, args.seq_len, args.steps, work)
+                run = (run_mlx_lm(model, data, args.batch, args.seq_len, args.steps, work,
+                                  args.compile)
                        if side == "mlx_lm" else
-                       run_ours(base, data, args.batch, args.seq_len, args.steps))
+                       run_ours(base, data, args.batch, args.seq_len, args.steps, args.compile))
                 results[side].append(run)
                 print(f"repeat {repeat + 1}: {side:<6} "
                       f"{median([run], 'it_per_s'):6.2f} it/s "
@@ -265,25 +296,26 @@ def main() -> None:
 def report(results: dict[str, list[list[dict]]], args: argparse.Namespace, data: SftData,
            seconds: float) -> None:
     """Markdown table of medians and the ours / mlx_lm ratios."""
-    import os
-
     print(f"\n{args.repeats} repeats x {args.steps} steps, {seconds:.0f} s, "
           f"load {os.getloadavg()[0]:.1f}\n")
-    print("| side | it/s (wall) | real tokens/s | real tokens/step | own tokens/s | own it/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| side | it/s (wall) | real tokens/s | real tokens/step | positions/step "
+          "| positions/s | own tokens/s | own it/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, runs in results.items():
         it = median(runs, "it_per_s")
         real = median(runs, "real_tokens_per_s")
-        print(f"| {side} | {it:.2f} | {real:.0f} | {real / it:.0f} "
-              f"| {median(runs, 'own_tokens_per_s'):.0f} | {median(runs, 'own_it_per_s'):.2f} |")
-    print(f"\nexpected real tokens/step: {args.batch * data.mean_tokens:.0f} "
-          f"(batch x mean example length); mlx_lm's own tokens/s counts completion + EOS only "
-          f"({data.mean_trained / data.mean_tokens:.0%} of real tokens) over its step timer")
+        positions = data.positions_per_step(args.batch, args.seq_len, side == "mlx_lm")
+        print(f"| {side} | {it:.2f} | {real:.0f} | {real / it:.0f} | {positions:.0f} "
+              f"| {positions * it:.0f} | {median(runs, 'own_tokens_per_s'):.0f} "
+              f"| {median(runs, 'own_it_per_s'):.2f} |")
+    print(f"\nreal tokens/step expected: {args.batch * data.mean_tokens:.0f} (batch x mean "
+          f"example length). positions/step: what the model runs, padding included (expected "
+          f"over an epoch from the data). mlx_lm's own tokens/s counts completion + EOS only "
+          f"({data.mean_trained / data.mean_tokens:.0%} of real tokens) over its step timer.")
     if len(results) == 2:
         for key in ("it_per_s", "real_tokens_per_s"):
             ratio = median(results["ours"], key) / median(results["mlx_lm"], key)
             print(f"ours / mlx_lm, {key}: {ratio:.3f}")
-
 
 if __name__ == "__main__":
     main()

@@ -26,11 +26,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_mlx import INTERVAL, VARIANTS  # noqa: E402
+
+if TYPE_CHECKING:
+    from bench.bench_mlx_lora import SftData
 
 SAMPLE = "data/training/sample"
 LORA_FLAGS = ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
@@ -79,18 +83,18 @@ def after_warmup(records: list[dict]) -> dict[str, float]:
             "memory_gib": max(r.get("memory_gib", float("nan")) for r in records)}
 
 
-def stage_flags(stage: str, work: Path) -> list[str]:
+def stage_flags(stage: str, work: Path) -> tuple[list[str], SftData | None]:
     """Flags selecting the stage's data: the sample shards, or a LoRA base + SFT examples."""
     if stage == "pretrain":
         ensure_sample_data(SAMPLE)
-        return ["--config", "smoke", "--data-dir", SAMPLE]
+        return ["--config", "smoke", "--data-dir", SAMPLE], None
     from bench.bench_mlx_lora import make_base, make_sft_data
 
     base = make_base(work / "base")
     data = make_sft_data(base, work / "sft", count=400, seed=0)
     print(f"sft data: {data.describe()}", flush=True)
     return ["--config", "smoke", "--stage", "sft", "--init-from", str(base),
-            "--data-dir", str(data.folder), "--warmup-steps", "2", *LORA_FLAGS]
+            "--data-dir", str(data.folder), "--warmup-steps", "2", *LORA_FLAGS], data
 
 
 def ints(text: str) -> list[int]:
@@ -115,7 +119,8 @@ def main() -> None:
     results: dict[tuple[int, int], list[dict[str, float]]] = {p: [] for p in points}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as work:
-        flags = stage_flags(args.stage, Path(work)) + backend_flags
+        flags, data = stage_flags(args.stage, Path(work))
+        flags += backend_flags
         for repeat in range(args.repeats):
             for seq_len, batch in points:
                 records = train_metrics(
@@ -127,20 +132,26 @@ def main() -> None:
                       f"{r['tokens_per_s']:8.0f} tokens/s {1e3 * r['step_time_s']:8.1f} ms/step "
                       f"{r['memory_gib']:.3f} GiB", flush=True)
     print_table(results, args, bool(preload) or "openblas" in os.environ.get("LD_PRELOAD", ""),
-                time.perf_counter() - started)
+                time.perf_counter() - started, data)
 
 
 def print_table(results: dict[tuple[int, int], list[dict[str, float]]],
-                args: argparse.Namespace, openblas: bool, seconds: float) -> None:
-    """Markdown table: medians over repeats; speed-up against the first batch size."""
+                args: argparse.Namespace, openblas: bool, seconds: float,
+                data: SftData | None) -> None:
+    """Markdown table: medians over repeats; speed-up against the first batch size.
+
+    SFT batches are padded to their longest example, so the padding share (expected over an
+    epoch of random batches) and the positions/s the model really runs are shown too.
+    """
     tokens = "real tokens/s" if args.stage == "sft" else "tokens/s"
     print(f"\nMLX {args.stage}, tiny GPT-NeoX, {args.steps} steps x {args.repeats} repeats, "
           f"compile {args.compile}, OpenBLAS {'preloaded' if openblas else 'not preloaded'}, "
           f"{args.threads} thread(s), {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
           f"{seconds:.0f} s\n")
+    extra = " padding | positions/s |" if data else ""
     print(f"| seq_len | batch | median {tokens} | per repeat | step time | peak memory "
-          f"| vs batch {args.batch_sizes[0]} |")
-    print("|---:|---:|---:|---|---:|---:|---:|")
+          f"| vs batch {args.batch_sizes[0]} |{extra}")
+    print("|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if data else ""))
     for seq_len in args.seq_lens:
         first = statistics.median(r["tokens_per_s"] for r in results[seq_len,
                                                                      args.batch_sizes[0]])
@@ -150,8 +161,13 @@ def print_table(results: dict[tuple[int, int], list[dict[str, float]]],
             step = statistics.median(r["step_time_s"] for r in runs)
             memory = max(r["memory_gib"] for r in runs)
             each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs)
-            print(f"| {seq_len} | {batch} | {rate:.0f} | {each} | {1e3 * step:.1f} ms "
-                  f"| {1024 * memory:.1f} MiB | {rate / first:.2f}x |")
+            row = (f"| {seq_len} | {batch} | {rate:.0f} | {each} | {1e3 * step:.1f} ms "
+                   f"| {1024 * memory:.1f} MiB | {rate / first:.2f}x |")
+            if data:
+                positions = data.positions_per_step(batch, seq_len, mlx_lm=False)
+                real = batch * statistics.mean(min(n, seq_len) for n in data.lengths)
+                row += f" {1 - real / positions:.0%} | {rate * positions / real:.0f} |"
+            print(row)
 
 
 if __name__ == "__main__":
