@@ -153,7 +153,7 @@ def train(config: TrainingConfig) -> dict:
     loss_and_grads, update = make_step_fns(task, optimizer, config, dtype)
 
     sampler = WindowBatchSampler(task.train_idx, config.per_device_train_batch_size, 0, 1,
-                                 config.seed, state.position)
+                                 config.seed, state.position, task.lengths)
     batches = iter(sampler)
 
     tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps

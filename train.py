@@ -135,7 +135,8 @@ def train(config: TrainingConfig) -> dict:
         say("no complete checkpoint found: starting from scratch")
 
     sampler = WindowBatchSampler(task.train_idx, config.per_device_train_batch_size,
-                                 accelerator.process_index, world, config.seed, state.position)
+                                 accelerator.process_index, world, config.seed, state.position,
+                                 task.lengths)
     loader = make_torch_loader(task.examples, sampler, config.num_workers, config.prefetch_factor,
                                pin_memory=accelerator.device.type == "cuda",
                                collate_fn=task.collate)

@@ -6,7 +6,7 @@ generated prompt/completion examples (40-120 tokens, completion tokens trained o
 max length 128, LoRA r 16 / scale 2 (alpha 32) on the four linear layers of every block,
 dropout 0, AdamW, fp32, compiled step, OpenBLAS preloaded, no evaluation while timed.
 
-    python bench/bench_mlx_lora.py [--steps 60] [--repeats 3] [--batch 4] [--only mlx_lm]
+    python bench/bench_mlx_lora.py [--steps 60] [--repeats 3] [--batch 4] [--no-compile]
 
 What is compared (the first logged interval, compile warm-up, is dropped on both sides):
 
@@ -15,7 +15,12 @@ What is compared (the first logged interval, compile warm-up, is dropped on both
 * real tokens/s: prompt + completion + EOS tokens of the batches, padding excluded (ours logs
   that as ``tokens_per_s``; for mlx_lm the batches are counted as they are yielded);
 * each side's own figure: mlx_lm's ``Tokens/sec`` counts only the trained (completion + EOS)
-  tokens and its timer leaves out batch building, so it is not comparable to ours as printed.
+  tokens and its timer leaves out batch building, so it is not comparable to ours as printed;
+* positions/step: what the model runs, padding included. mlx_lm pads a batch to 1 + a
+  multiple of 32 and means to sort examples by length first, but in mlx-lm 0.32.2 that sort
+  is a no-op on local JSONL (``CacheDataset.itemlen`` is the raw record's len(), its number
+  of keys): its batches are consecutive examples in file order. Ours are random batches
+  padded to their longest example.
 
 mlx_lm formats prompt/completion pairs with the tokenizer's chat template and our tokenizer
 has none: its model folder here is a symlinked copy of the base whose tokenizer_config.json
@@ -41,7 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_mlx import INTERVAL  # noqa: E402
-from bench.bench_mlx_sweep import LORA_FLAGS, child_env, train_metrics  # noqa: E402
+from bench.bench_mlx_sweep import (  # noqa: E402
+    LORA_FLAGS,
+    SAMPLE,
+    child_env,
+    ensure_sample_data,
+    train_metrics,
+)
 from utils.mlx_model import openblas_preload  # noqa: E402
 
 KEYS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -50,25 +61,26 @@ TEMPLATE = ("{% for m in messages %}{{ m['content'] }}"
 LR = 1e-4
 
 # mlx_lm's own `mlx_lm lora` CLI with one reporting callback added (its trainer, batching and
-# compiled step untouched): prints a timestamp per report and counts the real tokens of the
-# batches its iterate_batches yields.
+# compiled step untouched): prints a timestamp per report and counts the real tokens and the
+# positions (padding included) of the batches its iterate_batches yields.
 MLX_LM_HOOK = """
 import functools, json, sys, time
 import numpy as np
 import mlx_lm.lora as lora
 from mlx_lm.tuner import trainer
 from mlx_lm.tuner.callbacks import TrainingCallback
-real = [0]
+real, positions = [0], [0]
 def counting(*args, **kwargs):
     for batch, lengths in trainer.iterate_batches(*args, **kwargs):
         real[0] += int(np.array(lengths)[:, 1].sum())
+        positions[0] += batch.shape[0] * (batch.shape[1] - 1)  # the model sees batch[:, :-1]
         yield batch, lengths
 class Report(TrainingCallback):
     def on_train_loss_report(self, info):
         info = {k: float(v) for k, v in info.items()}
-        print("BENCH", json.dumps({"t": time.perf_counter(), "real_tokens": real[0], **info}),
-              flush=True)
-        real[0] = 0
+        print("BENCH", json.dumps({"t": time.perf_counter(), "real_tokens": real[0],
+                                   "positions": positions[0], **info}), flush=True)
+        real[0] = positions[0] = 0
 lora.get_reporting_callbacks = lambda *a, **k: Report()
 lora.train = functools.partial(trainer.train, iterate_batches=counting)
 sys.argv = ["mlx_lm.lora", *sys.argv[1:]]
@@ -90,24 +102,18 @@ class SftData:
         return (f"{self.examples} examples, {min(self.lengths)}-{max(self.lengths)} tokens, "
                 f"mean {self.mean_tokens:.1f} (completion + EOS {self.mean_trained:.1f})")
 
-    def positions_per_step(self, batch: int, seq_len: int, mlx_lm: bool) -> float:
-        """Mean token positions the model runs per step, padding included, over an epoch.
+    def positions_per_step(self, batch: int, seq_len: int, grouped: bool = False) -> float:
+        """Mean token positions our model runs per step, padding included, over 20 epochs.
 
-        Ours: random batches right-padded to their longest example. mlx_lm: examples sorted
-        by length into batches, padded to 1 + a multiple of 32 (at most seq_len), the last
-        column dropped as it is only a target.
+        Random batches right-padded to their longest example (train.py's sampler), or with
+        ``grouped`` batches of length-sorted examples (what length grouping would give).
         """
-        if mlx_lm:
-            ordered = sorted(self.lengths)
-            widths = [min(1 + 32 * -(-max(ordered[i:i + batch]) // 32), seq_len) - 1
-                      for i in range(0, len(ordered) - batch + 1, batch)]
-        else:
-            rng = random.Random(0)
-            widths = []
-            for _ in range(20):
-                order = rng.sample(self.lengths, len(self.lengths))
-                widths += [min(max(order[i:i + batch]), seq_len)
-                           for i in range(0, len(order) - batch + 1, batch)]
+        rng = random.Random(0)
+        widths = []
+        for _ in range(20):
+            order = sorted(self.lengths) if grouped else rng.sample(self.lengths, self.examples)
+            widths += [min(max(order[i:i + batch]), seq_len)
+                       for i in range(0, self.examples - batch + 1, batch)]
         return batch * statistics.mean(widths)
 
 
@@ -115,6 +121,7 @@ def make_base(out: Path) -> Path:
     """A tiny GPT-NeoX checkpoint (5 torch steps of the smoke preset): model + tokenizer."""
     found = sorted((out / "checkpoints").glob("checkpoint-*"))
     if not found:
+        ensure_sample_data(SAMPLE)
         subprocess.run(
             [sys.executable, "train.py", "--config", "smoke", "--bucket", "", "--max-steps", "5",
              "--save-steps", "5", "--eval-steps", "5", "--output-dir", str(out)],
@@ -127,8 +134,8 @@ def make_sft_data(base: Path, folder: Path, count: int, seed: int, min_tokens: i
                   max_tokens: int = 120) -> SftData:
     """``count`` prompt/completion pairs cut from the stdlib corpus at word boundaries.
 
-    Lengths (with EOS) spread uniformly over [min_tokens, max_tokens]; the split between
-    prompt and completion is 30-70 %. Cutting before a space keeps the two pieces' tokens
+    Lengths (with EOS) spread over [min_tokens, max_tokens] (targets drawn uniformly); the
+    prompt takes 30-70 % of the words. Cutting before a space keeps the two pieces' tokens
     identical whether tokenized apart (ours) or as one rendered text (mlx_lm's template).
     """
     from transformers import AutoTokenizer
@@ -226,6 +233,7 @@ def run_mlx_lm(model: Path, data: SftData, batch: int, seq_len: int, steps: int,
         seconds = cur["t"] - prev["t"]
         its = cur["iteration"] - prev["iteration"]
         out.append({"it_per_s": its / seconds, "real_tokens_per_s": cur["real_tokens"] / seconds,
+                    "positions_per_step": cur["positions"] / its,
                     "own_tokens_per_s": cur["tokens_per_second"],
                     "own_it_per_s": cur["iterations_per_second"]})
     return out
@@ -240,7 +248,9 @@ def run_ours(base: Path, data: SftData, batch: int, seq_len: int, steps: int,
              "--learning-rate", str(LR), "--weight-decay", "0.1", *LORA_FLAGS,
              *(["--compile"] if compile else [])]
     records = train_metrics(flags, child_env(openblas_preload()), steps)
+    positions = data.positions_per_step(batch, seq_len)  # not logged: expected from the data
     return [{"it_per_s": 1 / r["step_time_s"], "real_tokens_per_s": r["tokens_per_s"],
+             "positions_per_step": positions,
              "own_tokens_per_s": r["tokens_per_s"], "own_it_per_s": 1 / r["step_time_s"]}
             for r in records[1:]]
 
@@ -304,14 +314,17 @@ def report(results: dict[str, list[list[dict]]], args: argparse.Namespace, data:
     for side, runs in results.items():
         it = median(runs, "it_per_s")
         real = median(runs, "real_tokens_per_s")
-        positions = data.positions_per_step(args.batch, args.seq_len, side == "mlx_lm")
+        positions = median(runs, "positions_per_step")
         print(f"| {side} | {it:.2f} | {real:.0f} | {real / it:.0f} | {positions:.0f} "
               f"| {positions * it:.0f} | {median(runs, 'own_tokens_per_s'):.0f} "
               f"| {median(runs, 'own_it_per_s'):.2f} |")
+    grouped = data.positions_per_step(args.batch, args.seq_len, grouped=True)
     print(f"\nreal tokens/step expected: {args.batch * data.mean_tokens:.0f} (batch x mean "
-          f"example length). positions/step: what the model runs, padding included (expected "
-          f"over an epoch from the data). mlx_lm's own tokens/s counts completion + EOS only "
-          f"({data.mean_trained / data.mean_tokens:.0%} of real tokens) over its step timer.")
+          f"example length). positions/step: what the model runs, padding included (mlx_lm: "
+          f"counted; ours: expected from the data, {grouped:.0f} with length-grouped "
+          f"batches). mlx_lm's own tokens/s "
+          f"counts completion + EOS only ({data.mean_trained / data.mean_tokens:.0%} of real "
+          f"tokens) over its step timer.")
     if len(results) == 2:
         for key in ("it_per_s", "real_tokens_per_s"):
             ratio = median(results["ours"], key) / median(results["mlx_lm"], key)

@@ -164,7 +164,7 @@ def print_table(results: dict[tuple[int, int], list[dict[str, float]]],
             row = (f"| {seq_len} | {batch} | {rate:.0f} | {each} | {1e3 * step:.1f} ms "
                    f"| {1024 * memory:.1f} MiB | {rate / first:.2f}x |")
             if data:
-                positions = data.positions_per_step(batch, seq_len, mlx_lm=False)
+                positions = data.positions_per_step(batch, seq_len)
                 real = batch * statistics.mean(min(n, seq_len) for n in data.lengths)
                 row += f" {1 - real / positions:.0%} | {rate * positions / real:.0f} |"
             print(row)

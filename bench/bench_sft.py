@@ -37,6 +37,7 @@ def bare_loop(base: str, data: str, steps: int, seq_len: int, batch: int, seed: 
     from utils.finetune import (
         data_files,
         encoder,
+        example_lengths,
         load_base,
         load_sft,
         load_tokenizer,
@@ -48,7 +49,8 @@ def bare_loop(base: str, data: str, steps: int, seq_len: int, batch: int, seed: 
     examples = load_sft(data_files(data), encoder(tokenizer), tokenizer.eos_token_id, seq_len)
     n_eval = min(8, max(1, len(examples) // 10))  # as train.py holds out with --eval-windows 8
     train_idx, _ = train_eval_split(len(examples), n_eval, seed)
-    batches = iter(WindowBatchSampler(train_idx, batch, 0, 1, seed, DataPosition()))
+    batches = iter(WindowBatchSampler(train_idx, batch, 0, 1, seed, DataPosition(),
+                                      example_lengths(examples)))  # as ours: length-grouped
     model = get_peft_model(load_base(Path(base)), LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value", "dense"],
         task_type="CAUSAL_LM")).to(device)

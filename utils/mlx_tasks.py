@@ -42,6 +42,7 @@ class MlxTask:
     read_weights: Callable[[Path], None]         # a checkpoint's weights into the model
     total_params: int
     non_embedding_params: int
+    lengths: np.ndarray | None = None  # per example: the sampler groups batches by length
     meta: dict = field(default_factory=dict)
 
 
@@ -121,7 +122,7 @@ def finetune_task(config: TrainingConfig, dtype: mx.Dtype) -> MlxTask:
         write_weights=partial(save_adapter, r=config.lora_r, alpha=config.lora_alpha,
                               dropout=config.lora_dropout, targets=targets, base=data.base_path),
         read_weights=partial(load_adapter, model),
-        total_params=total, non_embedding_params=non_embedding,
+        total_params=total, non_embedding_params=non_embedding, lengths=data.lengths,
         meta={"tokenizer": str(data.tokenizer_dir)})
 
 

@@ -31,6 +31,7 @@ class Task:
     collate: Callable[[list], dict[str, torch.Tensor]]
     loss: LossFn                    # (model, batch) -> (loss, extra metrics to log)
     count_tokens: Callable[[dict[str, torch.Tensor]], int]
+    lengths: np.ndarray | None = None  # per example: the sampler groups batches by length
     meta: dict = field(default_factory=dict)
 
 
