@@ -19,8 +19,8 @@ What is compared (the first logged interval, compile warm-up, is dropped on both
 * positions/step: what the model runs, padding included. mlx_lm pads a batch to 1 + a
   multiple of 32 and means to sort examples by length first, but in mlx-lm 0.32.2 that sort
   is a no-op on local JSONL (``CacheDataset.itemlen`` is the raw record's len(), its number
-  of keys): its batches are consecutive examples in file order. Ours are random batches
-  padded to their longest example.
+  of keys): its batches are consecutive examples in file order. Ours are length-grouped
+  batches (``utils.data_utils.group_by_length``) padded to their longest example.
 
 mlx_lm formats prompt/completion pairs with the tokenizer's chat template and our tokenizer
 has none: its model folder here is a symlinked copy of the base whose tokenizer_config.json
@@ -102,18 +102,21 @@ class SftData:
         return (f"{self.examples} examples, {min(self.lengths)}-{max(self.lengths)} tokens, "
                 f"mean {self.mean_tokens:.1f} (completion + EOS {self.mean_trained:.1f})")
 
-    def positions_per_step(self, batch: int, seq_len: int, grouped: bool = False) -> float:
+    def positions_per_step(self, batch: int, seq_len: int, grouped: bool = True) -> float:
         """Mean token positions our model runs per step, padding included, over 20 epochs.
 
-        Random batches right-padded to their longest example (train.py's sampler), or with
-        ``grouped`` batches of length-sorted examples (what length grouping would give).
+        The batches of train.py's own sampler, length-grouped as in a LoRA run (or random with
+        ``grouped=False``), each right-padded to its longest example.
         """
-        rng = random.Random(0)
-        widths = []
-        for _ in range(20):
-            order = sorted(self.lengths) if grouped else rng.sample(self.lengths, self.examples)
-            widths += [min(max(order[i:i + batch]), seq_len)
-                       for i in range(0, self.examples - batch + 1, batch)]
+        import numpy as np
+
+        from utils.data_utils import DataPosition, WindowBatchSampler
+
+        lengths = np.array(self.lengths)
+        batches = iter(WindowBatchSampler(np.arange(self.examples), batch, 0, 1, 42,
+                                          DataPosition(), lengths if grouped else None))
+        widths = [min(int(lengths[next(batches)].max()), seq_len)
+                  for _ in range(20 * (self.examples // batch))]
         return batch * statistics.mean(widths)
 
 
@@ -318,10 +321,10 @@ def report(results: dict[str, list[list[dict]]], args: argparse.Namespace, data:
         print(f"| {side} | {it:.2f} | {real:.0f} | {real / it:.0f} | {positions:.0f} "
               f"| {positions * it:.0f} | {median(runs, 'own_tokens_per_s'):.0f} "
               f"| {median(runs, 'own_it_per_s'):.2f} |")
-    grouped = data.positions_per_step(args.batch, args.seq_len, grouped=True)
+    plain = data.positions_per_step(args.batch, args.seq_len, grouped=False)
     print(f"\nreal tokens/step expected: {args.batch * data.mean_tokens:.0f} (batch x mean "
           f"example length). positions/step: what the model runs, padding included (mlx_lm: "
-          f"counted; ours: expected from the data, {grouped:.0f} with length-grouped "
+          f"counted; ours: expected from our sampler, {plain:.0f} with random "
           f"batches). mlx_lm's own tokens/s "
           f"counts completion + EOS only ({data.mean_trained / data.mean_tokens:.0%} of real "
           f"tokens) over its step timer.")
