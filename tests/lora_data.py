@@ -44,3 +44,16 @@ def metrics(out: Path) -> list[dict]:
 def error_line(stderr: str) -> str:
     return next(line for line in stderr.replace("\r", "\n").splitlines()
                 if line.startswith("error:"))
+
+
+def mean_answer_logp(model, examples, pad_id: int) -> float:
+    """A torch model's mean summed log-probability of the examples' answers."""
+    import torch
+
+    from utils.finetune import answer_logps, torch_collate
+
+    batch = torch_collate(examples, pad_id, pairs=False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    return answer_logps(logits, batch["labels"]).mean().item()

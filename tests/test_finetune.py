@@ -27,6 +27,7 @@ from lora_data import (
     PAIRS,
     TRAIN_PAIRS,
     error_line,
+    mean_answer_logp,
     metrics,
     prefs,
     qa,
@@ -63,28 +64,31 @@ def _lora_config(base: Path, **overrides) -> TrainingConfig:
                                   run_name="t"), **overrides)
 
 
-@pytest.fixture(scope="module")
-def sft_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One real SFT run (train.py, --merge) on arithmetic answers; held-out file kept apart."""
-    tmp = tmp_path_factory.mktemp("sft")
+def _backend_args(backend: str) -> tuple[list[str], dict[str, str]]:
+    """Extra flags and environment for a run on ``backend`` (MLX: OpenBLAS preloaded)."""
+    return (["--backend", "mlx"], openblas_preload()) if backend == "mlx" else ([], {})
+
+
+@pytest.fixture(scope="module", params=["torch", "mlx"])
+def sft_run(request: pytest.FixtureRequest, tiny_base: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real SFT run per backend (train.py, LoRA dropout 0.1, --merge) on arithmetic answers.
+
+    Both backends write peft adapters, so every test on this run judges them the same way.
+    """
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"sft-{backend}")
     train_file = write_jsonl(tmp / "data" / "train.jsonl", qa(TRAIN_PAIRS))
     held_out = write_jsonl(tmp / "held_out.jsonl", qa(HELD_OUT_PAIRS))
     out = tmp / "out"
-    result = run_train(*LORA, "--stage", "sft", "--init-from", str(tiny_base), "--data-dir",
-                       str(train_file.parent), "--output-dir", str(out), "--max-steps", "40",
-                       "--save-steps", "20", "--learning-rate", "3e-3", "--merge",
-                       tmp_path=tmp)
+    flags, env = _backend_args(backend)
+    result = run_train(*LORA, *flags, "--stage", "sft", "--init-from", str(tiny_base),
+                       "--data-dir", str(train_file.parent), "--output-dir", str(out),
+                       "--max-steps", "40", "--save-steps", "20", "--learning-rate", "3e-3",
+                       "--merge", tmp_path=tmp, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"out": out, "held_out": held_out, "ckpt": find_complete(out / "checkpoints")[-1],
-            "tmp": tmp}
-
-
-def _mean_answer_logp(model, examples, pad_id: int) -> float:
-    batch = torch_collate(examples, pad_id, pairs=False)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-    return answer_logps(logits, batch["labels"]).mean().item()
+            "tmp": tmp, "backend": backend}
 
 
 # ---------------------------------------------------------------- data and masks
@@ -304,7 +308,9 @@ def test_sft_run_raises_held_out_answer_likelihood_and_merges(sft_run, tiny_base
     names = {p.name for p in ckpt.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= names
     assert "model.safetensors" not in names  # adapters only: megabytes, not the base
-    assert json.loads((ckpt / "trainer_state.json").read_text())["state"]["step"] == 40
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert trainer_state["state"]["step"] == 40
+    assert trainer_state.get("backend", "torch") == sft_run["backend"]
     records = metrics(out)
     assert records[-1]["loss"] < records[0]["loss"]
 
@@ -312,9 +318,9 @@ def test_sft_run_raises_held_out_answer_likelihood_and_merges(sft_run, tiny_base
     from peft import PeftModel
 
     base = load_base(tiny_base).eval()
-    before = _mean_answer_logp(base, held_out, tokenizer.pad_token_id)
+    before = mean_answer_logp(base, held_out, tokenizer.pad_token_id)
     tuned = PeftModel.from_pretrained(load_base(tiny_base), ckpt).eval()
-    after = _mean_answer_logp(tuned, held_out, tokenizer.pad_token_id)
+    after = mean_answer_logp(tuned, held_out, tokenizer.pad_token_id)
     assert after > before + 1.0, (before, after)  # nats per answer, on unseen questions
 
     merged = out / "merged"
@@ -331,10 +337,11 @@ def test_sft_resume_is_exact(sft_run, tiny_base, tmp_path):
     second = tmp_path / "resumed"
     step20 = next(p for p in find_complete(first / "checkpoints") if "-step20-" in p.name)
     shutil.copytree(step20, second / "checkpoints" / step20.name)
-    result = run_train(*LORA, "--stage", "sft", "--init-from", str(tiny_base), "--data-dir",
-                       str(sft_run["tmp"] / "data"), "--output-dir", str(second),
+    flags, env = _backend_args(sft_run["backend"])
+    result = run_train(*LORA, *flags, "--stage", "sft", "--init-from", str(tiny_base),
+                       "--data-dir", str(sft_run["tmp"] / "data"), "--output-dir", str(second),
                        "--max-steps", "40", "--save-steps", "20", "--learning-rate", "3e-3",
-                       "--resume", "latest", tmp_path=tmp_path)
+                       "--resume", "latest", tmp_path=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 20" in result.stdout
     from safetensors.torch import load_file
@@ -352,9 +359,9 @@ def test_dpo_run_raises_reward_accuracy_on_its_pairs(tiny_base, tokenizer, tmp_p
     """Judged in torch for both backends: an MLX run (compiled step) writes a peft adapter."""
     data = write_jsonl(tmp_path / "dpo.jsonl", refusals(TRAIN_PAIRS[:32]))
     out = tmp_path / "out"
-    mlx = ["--backend", "mlx", "--compile"] if backend == "mlx" else []
-    env = openblas_preload() if backend == "mlx" else {}
-    result = run_train(*LORA, *mlx, "--stage", "dpo", "--init-from", str(tiny_base),
+    flags, env = _backend_args(backend)
+    compiled = ["--compile"] if backend == "mlx" else []
+    result = run_train(*LORA, *flags, *compiled, "--stage", "dpo", "--init-from", str(tiny_base),
                        "--data-dir", str(data), "--output-dir", str(out), "--max-steps", "20",
                        "--save-steps", "20", "--learning-rate", "3e-3", "--dpo-beta", "0.1",
                        tmp_path=tmp_path, env=env)

@@ -1,15 +1,14 @@
-"""LoRA SFT, DPO and QLoRA on the MLX backend: the torch side's behavioural tests, mirrored.
+"""LoRA on the MLX backend: adapters across backends, losses against torch's, QLoRA.
 
 Adapters cross over through peft's file format: an MLX adapter is loaded by
 ``PeftModel.from_pretrained`` and judged in torch, and a peft adapter loads in MLX. The losses
-are checked against the torch implementations on the same adapter and batch. Runs are real
-``train.py --backend mlx`` processes on the CPU; nothing is mocked.
+are checked against the torch implementations on the same adapter and batch. The SFT and DPO
+runs themselves are test_finetune.py's, parametrized over both backends; the QLoRA run is
+here. Runs are real ``train.py --backend mlx`` processes on the CPU; nothing is mocked.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,10 +18,10 @@ import pytest
 import torch
 from conftest import run_train
 from lora_data import (
-    HELD_OUT_PAIRS,
     LORA,
     PAIRS,
     TRAIN_PAIRS,
+    mean_answer_logp,
     metrics,
     prefs,
     qa,
@@ -37,7 +36,6 @@ from utils import mlx_tasks
 from utils.checkpoint import CheckpointError, find_complete
 from utils.finetune import (
     LORA_TARGETS,
-    answer_logps,
     build_lora_model,
     dpo_loss,
     encoder,
@@ -89,30 +87,10 @@ def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
 
-def _mean_answer_logp(model, examples, pad_id: int) -> float:
-    batch = torch_collate(examples, pad_id, pairs=False)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-    return answer_logps(logits, batch["labels"]).mean().item()
-
-
 def _mlx_sft(tiny_base: Path, data: Path, out: Path, tmp: Path, *extra: str):
     return run_train(*LORA, *MLX, "--stage", "sft", "--init-from", str(tiny_base),
                      "--data-dir", str(data), "--output-dir", str(out), "--learning-rate",
                      "3e-3", *extra, tmp_path=tmp, env=ENV)
-
-
-@pytest.fixture(scope="module")
-def mlx_sft_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One real MLX SFT run (40 steps, LoRA dropout 0.1, --merge) on arithmetic answers."""
-    tmp = tmp_path_factory.mktemp("mlx-sft")
-    train_file = write_jsonl(tmp / "data" / "train.jsonl", qa(TRAIN_PAIRS))
-    out = tmp / "out"
-    result = _mlx_sft(tiny_base, train_file.parent, out, tmp, "--max-steps", "40",
-                      "--save-steps", "20", "--merge")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"out": out, "data": train_file.parent, "ckpt": find_complete(out / "checkpoints")[-1]}
 
 
 # ---------------------------------------------------------------- adapters and losses
@@ -232,51 +210,6 @@ def test_quantize_flag_mistakes_are_one_line(capsys, argv, expected):
 # ---------------------------------------------------------------- real runs
 
 @pytest.mark.slow
-def test_mlx_sft_raises_held_out_answer_likelihood_in_torch_and_merges(
-        mlx_sft_run, tiny_base, tokenizer, tmp_path):
-    out, ckpt = mlx_sft_run["out"], mlx_sft_run["ckpt"]
-    names = {p.name for p in ckpt.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors",
-            "tokenizer.json", "COMPLETE.json"} <= names
-    assert "model.safetensors" not in names  # adapters only
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["state"]["step"] == 40 and state["backend"] == "mlx"
-    records = metrics(out)
-    assert records[-1]["loss"] < records[0]["loss"]
-
-    held_out = load_sft([write_jsonl(tmp_path / "held_out.jsonl", qa(HELD_OUT_PAIRS))],
-                        encoder(tokenizer), tokenizer.eos_token_id, 64)
-    before = _mean_answer_logp(load_base(tiny_base).eval(), held_out, tokenizer.pad_token_id)
-    tuned = PeftModel.from_pretrained(load_base(tiny_base), ckpt).eval()  # the MLX adapter
-    after = _mean_answer_logp(tuned, held_out, tokenizer.pad_token_id)
-    assert after > before + 1.0, (before, after)  # nats per answer, on unseen questions
-
-    merged = out / "merged"
-    assert (merged / "tokenizer.json").is_file()
-    ids = held_out[0]["input_ids"][None]
-    np.testing.assert_allclose(_torch_logits(load_base(merged).eval(), ids),
-                               _torch_logits(tuned, ids), atol=1e-4)
-
-
-@pytest.mark.slow
-def test_mlx_sft_resume_is_exact_with_dropout(mlx_sft_run, tiny_base, tmp_path):
-    """Resumed from step 20, the run ends with the adapters of the one that ran on (bitwise)."""
-    first = mlx_sft_run["out"]
-    second = tmp_path / "resumed"
-    step20 = next(p for p in find_complete(first / "checkpoints") if "-step20-" in p.name)
-    shutil.copytree(step20, second / "checkpoints" / step20.name)
-    result = _mlx_sft(tiny_base, mlx_sft_run["data"], second, tmp_path, "--max-steps", "40",
-                      "--save-steps", "20", "--resume", "latest")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "at step 20" in result.stdout
-    want = mx.load(str(mlx_sft_run["ckpt"] / "adapter_model.safetensors"))
-    got = mx.load(str(find_complete(second / "checkpoints")[-1] / "adapter_model.safetensors"))
-    assert want.keys() == got.keys()
-    assert all(mx.array_equal(want[k], got[k]).item() for k in want)
-    assert metrics(second)[-1]["loss"] == metrics(first)[-1]["loss"]
-
-
-@pytest.mark.slow
 def test_qlora_4bit_run_learns_and_its_adapter_serves_the_full_base(tiny_base, tokenizer,
                                                                      tmp_path):
     train_file = write_jsonl(tmp_path / "data" / "train.jsonl", qa(TRAIN_PAIRS))
@@ -289,8 +222,8 @@ def test_qlora_4bit_run_learns_and_its_adapter_serves_the_full_base(tiny_base, t
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
 
     examples = load_sft([train_file], encoder(tokenizer), tokenizer.eos_token_id, 64)[:16]
-    before = _mean_answer_logp(load_base(tiny_base).eval(), examples, tokenizer.pad_token_id)
+    before = mean_answer_logp(load_base(tiny_base).eval(), examples, tokenizer.pad_token_id)
     tuned = PeftModel.from_pretrained(load_base(tiny_base),
                                       find_complete(out / "checkpoints")[-1]).eval()
-    after = _mean_answer_logp(tuned, examples, tokenizer.pad_token_id)
+    after = mean_answer_logp(tuned, examples, tokenizer.pad_token_id)
     assert after > before + 1.0, (before, after)
