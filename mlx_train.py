@@ -8,8 +8,8 @@ Everything that is not framework-specific is shared with train.py: presets and f
 shards, windows and sampler, the SFT/DPO data and masks, LR schedule, metrics, checkpoint
 layout and marker, background upload, resume target resolution, preemption
 (``utils/run_setup.py``). The stages plug in through ``utils/mlx_tasks.py`` as torch's do
-through ``utils/tasks.py``; checkpoints and adapters load in either backend. One process:
-MLX's distributed training is not wired in yet.
+through ``utils/tasks.py``; checkpoints and adapters load in either backend. Data parallel
+over ``mlx.launch`` ranks on one machine (``utils/mlx_dist.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from utils.checkpoint import CheckpointError, TrainState
 from utils.data_utils import DataError, WindowBatchSampler
 from utils.lr_schedule import lr_factor
 from utils.metrics import MetricsWriter, ThroughputMeter, flops_per_token, format_eta, run_summary
+from utils.mlx_dist import MlxProcesses
 from utils.mlx_model import (
     DTYPES,
     build_optimizer,
@@ -42,7 +43,6 @@ from utils.mlx_model import (
 )
 from utils.mlx_tasks import MlxTask, build_mlx_task, to_mx
 from utils.run_setup import (
-    OneProcess,
     TrainingError,
     check_loss,
     continue_from,
@@ -101,19 +101,21 @@ def make_step_fns(task: MlxTask, optimizer: optim.Optimizer, config: TrainingCon
     return loss_and_grads, update
 
 
-def evaluate(task: MlxTask, params: dict, batch_size: int, dtype: mx.Dtype) -> float:
-    """Mean loss over the held-out examples (dropout off)."""
+def evaluate(task: MlxTask, params: dict, batch_size: int, dtype: mx.Dtype,
+             processes: MlxProcesses) -> float:
+    """Mean loss over the held-out examples (dropout off), each rank scoring its share."""
     model = task.model
     model.update(cast(params, dtype))
     model.eval()
+    mine = task.eval_idx[processes.process_index::processes.num_processes]
     total = count = 0.0
-    for start in range(0, len(task.eval_idx), batch_size):
-        chunk = task.eval_idx[start:start + batch_size].tolist()
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size].tolist()
         loss, _ = task.loss(model, to_mx(task.collate([task.examples[i] for i in chunk])))
         total += loss.item() * len(chunk)
         count += len(chunk)
     model.train()
-    return total / max(count, 1)
+    return processes.mean(total) / max(processes.mean(count), 1e-9)
 
 
 # ------------------------------------------------------------------ the run
@@ -121,13 +123,14 @@ def evaluate(task: MlxTask, params: dict, batch_size: int, dtype: mx.Dtype) -> f
 def train(config: TrainingConfig) -> dict:
     output_dir = Path(config.effective_output_dir)
     dtype = compute_dtype(config)
-    process = OneProcess()
-    say = print
+    processes = MlxProcesses()
+    main, rank, world = processes.is_main_process, processes.process_index, processes.num_processes
+    say = print if main else (lambda *_, **__: None)
     np.random.seed(config.seed)
 
     # Data and model for this stage (pretraining windows, or SFT/DPO examples on a LoRA model),
     # after syncing the data from the bucket (skip-existing).
-    sync_training_data(config, process)
+    sync_training_data(config, processes)
     task = build_mlx_task(config, dtype)
     model = task.model
     model.train()
@@ -139,10 +142,12 @@ def train(config: TrainingConfig) -> dict:
 
     # Checkpoints: local folder, bucket, resume; then compile (it captures the restored state).
     ckpt_root = output_dir / "checkpoints"
-    store = open_checkpoint_store(config, process)
-    resume_from = resolve_resume(config, process, ckpt_root, store)
-    state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx), world_size=1,
-                       global_batch_windows=config.per_device_train_batch_size)
+    store = open_checkpoint_store(config, processes)
+    resume_from = resolve_resume(config, processes, ckpt_root, store,
+                                 processes.broadcast_object)
+    state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx),
+                       world_size=world,
+                       global_batch_windows=config.per_device_train_batch_size * world)
     if resume_from is not None:
         params, saved = load_checkpoint(
             model, optimizer, resume_from,
@@ -152,39 +157,44 @@ def train(config: TrainingConfig) -> dict:
         say("no complete checkpoint found: starting from scratch")
     loss_and_grads, update = make_step_fns(task, optimizer, config, dtype)
 
-    sampler = WindowBatchSampler(task.train_idx, config.per_device_train_batch_size, 0, 1,
+    sampler = WindowBatchSampler(task.train_idx, config.per_device_train_batch_size, rank, world,
                                  config.seed, state.position, task.lengths)
     batches = iter(sampler)
 
-    tokens_per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+    tokens_per_step = (state.global_batch_windows * config.gradient_accumulation_steps
                        * config.seq_len)  # at most
     args = model.args
     meter = ThroughputMeter(
         flops_per_token(task.non_embedding_params, args.num_hidden_layers, args.hidden_size,
                         config.seq_len, output_embedding_params=args.vocab_size * args.hidden_size),
-        config.peak_tflops * 1e12 or None, 1)
+        config.peak_tflops * 1e12 or None, world)
     say(f"model {config.model} (mlx on {mx.default_device()}, mixed precision "
         f"{config.mixed_precision}, compile {config.compile}"
         f"{f', {config.quantize_bits}-bit base' if config.quantize_bits else ''}): "
         f"{task.total_params:,} parameters ({task.non_embedding_params:,} without embeddings, "
         f"{trainable:,} trainable), vocab {args.vocab_size}, stage {config.stage}")
-    say(f"batch: {config.per_device_train_batch_size} x {config.gradient_accumulation_steps} "
-        f"accumulation = {config.per_device_train_batch_size * config.gradient_accumulation_steps}"
-        f" sequences ({tokens_per_step:,} tokens) per optimizer step; {task.num_files} files, "
+    say(f"batch: {config.per_device_train_batch_size} per process x "
+        f"{config.gradient_accumulation_steps} accumulation x {world} processes = "
+        f"{state.global_batch_windows * config.gradient_accumulation_steps} sequences "
+        f"({tokens_per_step:,} tokens) per optimizer step; {task.num_files} files, "
         f"{len(task.train_idx):,} training examples, {len(task.eval_idx)} held out")
 
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", start_step=state.step)
-    tensorboard = _tensorboard(output_dir / "logs" / config.run_name, config)
-    publisher = CheckpointPublisher(store, f"checkpoints/{config.run_name}",
-                                    background=config.background_upload,
+    # Logging, checkpoints and uploads happen on rank 0 (every rank holds the same weights).
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", start_step=state.step) if main else None
+    tensorboard = _tensorboard(output_dir / "logs" / config.run_name, config) if main else None
+    publisher = CheckpointPublisher(store if main else None, f"checkpoints/{config.run_name}",
+                                    background=config.background_upload and main,
                                     keep_local=config.save_total_limit,
                                     remote_keep=config.remote_keep,
                                     exit_timeout_s=config.upload_timeout_s, log=say)
-    publisher.catch_up(ckpt_root)  # a kill may have cut the last upload short
+    if main:
+        publisher.catch_up(ckpt_root)  # a kill may have cut the last upload short
     preemption = PreemptionHandler()
     tokenizer = tokenizer_dir(task.meta, Path(config.data_dir))
 
     def save() -> Path:
+        if not main:
+            return ckpt_root
         path = save_checkpoint(lambda folder: task.write_weights(params, folder), optimizer,
                                state, asdict(config), ckpt_root)
         copy_tokenizer(tokenizer, path)
@@ -199,7 +209,7 @@ def train(config: TrainingConfig) -> dict:
     saved_paths: list[Path] = []
     stopped_early = False
     bar = tqdm(total=config.max_steps, initial=state.step, desc="training (mlx)", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not main)
     meter.reset()
     try:
         while state.step < config.max_steps:
@@ -209,7 +219,7 @@ def train(config: TrainingConfig) -> dict:
                 rows = task.collate([task.examples[i] for i in next(batches)])
                 step_tokens += task.count_tokens(rows)
                 # Dropout masks are a function of (seed, step, micro-batch): resume repeats them.
-                mx.random.seed(config.seed + 100_003 * (
+                mx.random.seed(config.seed + rank + 100_003 * (
                     state.step * config.gradient_accumulation_steps + micro + 1))
                 (loss, extras), micro_grads = loss_and_grads(params, to_mx(rows))
                 grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
@@ -220,20 +230,20 @@ def train(config: TrainingConfig) -> dict:
                         value.item() / config.gradient_accumulation_steps)
             optimizer.learning_rate = config.learning_rate * lr_factor(
                 state.step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-            params, grad_norm = update(params, grads)
+            params, grad_norm = update(params, processes.average_gradients(grads))
             mx.eval(params, grad_norm, optimizer.state)
             state.step += 1
             interval_steps += 1
-            state.tokens_seen += step_tokens
+            state.tokens_seen += step_tokens * world
             state.position = sampler.position
-            meter.add(step_tokens)
+            meter.add(step_tokens * world)
             bar.update(1)
 
             log_now = due(state.step, config.logging_steps, config.max_steps)
             save_now = due(state.step, config.save_steps, config.max_steps)
-            stop_now = preemption.requested
+            stop_now = processes.any(preemption.requested)
             if log_now or save_now or stop_now:
-                mean_loss = interval_loss / interval_steps
+                mean_loss = processes.mean(interval_loss) / interval_steps
                 check_loss(mean_loss, state.step, ckpt_root)
             if log_now:
                 last_loss = mean_loss
@@ -244,16 +254,18 @@ def train(config: TrainingConfig) -> dict:
                           "grad_norm": grad_norm.item(), "epoch": state.position.epoch,
                           "tokens_seen": state.tokens_seen, **meter.read(),
                           "memory_gib": mx.get_peak_memory() / 2**30,
-                          **{k: v / interval_steps for k, v in interval_extras.items()}}
+                          **{k: processes.mean(v) / interval_steps
+                             for k, v in interval_extras.items()}}
                 record["step_time_s"] /= interval_steps
                 record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
                 if due(state.step, config.eval_steps, config.max_steps):
                     eval_loss = record["eval_loss"] = evaluate(
-                        task, params, config.per_device_train_batch_size, dtype)
-                metrics.write(record)
-                for key, value in record.items():
-                    if key != "step":
-                        tensorboard.add_scalar(key, value, state.step)
+                        task, params, config.per_device_train_batch_size, dtype, processes)
+                if main:
+                    metrics.write(record)
+                    for key, value in record.items():
+                        if key != "step":
+                            tensorboard.add_scalar(key, value, state.step)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 eta=format_eta(record["eta_s"]))
                 interval_loss = 0.0
@@ -277,8 +289,9 @@ def train(config: TrainingConfig) -> dict:
     elapsed = time.perf_counter() - started
     uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early
                                    else config.final_upload_timeout_s)
-    tensorboard.close()
-    if config.merge and config.stage != "pretrain" and not stopped_early:
+    if main:
+        tensorboard.close()
+    if main and config.merge and config.stage != "pretrain" and not stopped_early:
         from utils.checkpoint import find_complete
         from utils.mlx_lora import merge_adapter
 
@@ -288,7 +301,8 @@ def train(config: TrainingConfig) -> dict:
         config=config, state=state, start_step=start_step, start_tokens=start_tokens,
         elapsed=elapsed, last_loss=last_loss, eval_loss=eval_loss, saved=saved_paths,
         uploads_done=uploads_done, stopped_early=stopped_early,
-        where=f"mlx on {mx.default_device()}", ckpt_root=ckpt_root, store=store)
+        where=f"mlx on {mx.default_device()} x {world} process(es)", ckpt_root=ckpt_root,
+        store=store)
     say(table)
     return summary
 

@@ -9,6 +9,7 @@ run's losses bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from gcs_emulator import GcsEmulator
-from helpers import REPO, Run, last_step, metrics, remote_problems, train
+from helpers import REPO, TINY, Run, last_step, metrics, remote_problems, train
 from mlx.utils import tree_flatten, tree_unflatten
 from transformers import GPTNeoXForCausalLM
 
@@ -218,6 +219,31 @@ def test_compiled_step_matches_the_eager_one(sample_data, mlx_out, tmp_path):
     eager = [r["loss"] for r in metrics(mlx_out[0])[:5]]  # warmup: the LR does not depend on
     compiled = [r["loss"] for r in metrics(out)[:5]]     # max_steps yet
     assert np.allclose(compiled, eager, rtol=0, atol=1e-3), (compiled, eager)
+
+
+@pytest.mark.slow
+def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
+        sample_data, mlx_out, tmp_path):
+    """`mlx.launch -n 2` x batch 2 repeats the one-process batch-4 losses; rank 0 alone writes."""
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    done = subprocess.run(
+        [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *TINY,
+         *_args(sample_data, out, "--max-steps", "10", "--save-steps", "10",
+                "--per-device-train-batch-size", "2")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **ENV, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("x 2 processes = 4 sequences") == 1  # printed by rank 0 only
+    two = metrics(out)
+    assert [r["step"] for r in two] == list(range(1, 11))  # one writer
+    one = metrics(mlx_out[0])[:10]  # warm-up: the LR does not depend on max_steps yet
+    assert [r["tokens_seen"] for r in two] == [r["tokens_seen"] for r in one]
+    assert np.allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=1e-4)
+    assert [p.name for p in checkpoint.find_complete(out / "checkpoints")] == [
+        "checkpoint-epoch0-step10-files1"]
+    state = json.loads((_checkpoint(out, 10) / "trainer_state.json").read_text())["state"]
+    assert state["world_size"] == 2 and state["global_batch_windows"] == 4
 
 
 def test_unsupported_precision_is_one_line_from_the_mlx_cli(sample_data, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -26,21 +27,12 @@ class TrainingError(RuntimeError):
 
 
 class Processes(Protocol):
-    """The part of accelerate's Accelerator these helpers use (MLX passes a one-process one)."""
+    """The part of accelerate's Accelerator these helpers use (MLX: utils.mlx_dist)."""
 
     is_main_process: bool
     is_local_main_process: bool
 
     def wait_for_everyone(self) -> None: ...
-
-
-class OneProcess:
-    """A single process: main on its node and globally, nobody to wait for."""
-
-    is_main_process = is_local_main_process = True
-
-    def wait_for_everyone(self) -> None:
-        """Nothing to wait for."""
 
 
 def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
@@ -72,13 +64,14 @@ def open_checkpoint_store(config: TrainingConfig, processes: Processes):
     return store
 
 
-def resolve_resume(config: TrainingConfig, processes: Processes, local_root: Path,
-                   store) -> Path | None:
+def resolve_resume(config: TrainingConfig, processes: Processes, local_root: Path, store,
+                   broadcast: Callable[[list], list] | None = None) -> Path | None:
     """The checkpoint to resume from: the newest good one (local or bucket) or a named one.
 
     The global main process chooses (checksums verified, downloaded if only the bucket has
-    it) and tells the others; every other node's local main then makes sure it holds a
-    verified copy, so all ranks load the same checkpoint.
+    it) and tells the others (``broadcast``: torch.distributed's by default); every other
+    node's local main then makes sure it holds a verified copy, so all ranks load the same
+    checkpoint.
     """
     if not config.resume:
         return None
@@ -90,17 +83,22 @@ def resolve_resume(config: TrainingConfig, processes: Processes, local_root: Pat
             choice[0] = path.name if path else None
         except (CheckpointError, StorageError) as err:
             choice[1] = str(err)
-    import torch.distributed as dist  # initialised only in multi-process torch runs
-
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    name, error = choice
+    name, error = (broadcast or _torch_broadcast)(choice)
     if error:
         raise TrainingError(error)
     if name and processes.is_local_main_process and not processes.is_main_process:
         checkpoint.fetch(name, local_root, store, prefix)
     processes.wait_for_everyone()
     return local_root / name if name else None
+
+
+def _torch_broadcast(values: list) -> list:
+    """The main process's ``values`` on every rank (as is when torch runs one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(values, src=0)
+    return values
 
 
 def continue_from(state: TrainState, saved: TrainState, source: Path, say) -> None:

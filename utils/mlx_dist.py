@@ -1,0 +1,60 @@
+"""The MLX job's processes as the loop sees them: one, or the ranks ``mlx.launch`` started.
+
+    mlx.launch --backend ring -n 2 python train.py --backend mlx ...   # data parallel
+
+Each rank trains on its own slice of every global batch (the torch loop's sampler split) and
+gradients are averaged before clipping, so N ranks x batch B train like one process with
+batch N x B. Rank 0 syncs data, logs, saves and uploads (one machine: every rank reads the
+same local folders).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_BROADCAST_BYTES = 4096  # resume choices and error lines are far shorter
+
+
+class MlxProcesses:
+    """``is_main_process``/``wait_for_everyone`` (run_setup's Processes) plus the collectives."""
+
+    def __init__(self) -> None:
+        self.group = mx.distributed.init()  # a group of one when not launched
+        self.process_index = self.group.rank()
+        self.num_processes = self.group.size()
+        self.is_main_process = self.is_local_main_process = self.process_index == 0
+
+    def _sum(self, value: mx.array) -> mx.array:
+        return mx.distributed.all_sum(value, group=self.group)
+
+    def wait_for_everyone(self) -> None:
+        if self.num_processes > 1:
+            mx.eval(self._sum(mx.array(1.0)))
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over all ranks (losses, metrics)."""
+        if self.num_processes == 1:
+            return value
+        return self._sum(mx.array(value, mx.float32)).item() / self.num_processes
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a signal may reach one rank only)."""
+        return self.mean(float(flag)) > 0 if self.num_processes > 1 else flag
+
+    def average_gradients(self, grads: dict) -> dict:
+        return grads if self.num_processes == 1 else nn.average_gradients(grads,
+                                                                           group=self.group)
+
+    def broadcast_object(self, values: list) -> list:
+        """Rank 0's JSON-able ``values`` on every rank."""
+        if self.num_processes == 1:
+            return values
+        data = json.dumps(values).encode()[:_BROADCAST_BYTES] if self.is_main_process else b""
+        buffer = mx.zeros(_BROADCAST_BYTES, mx.int32)
+        if data:
+            buffer[:len(data)] = mx.array(list(data), mx.int32)
+        received = bytes(v for v in self._sum(buffer).tolist() if v)
+        return json.loads(received.decode())
