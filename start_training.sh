@@ -5,12 +5,13 @@
 #                       [--num-machines M --machine-rank R --main-process-ip IP
 #                        --main-process-port P] [any train.py flag]
 # --gpus 0: CPU, one process.  1: one process.  N>=2 (or M>=2 machines): accelerate launch
-# with configs/accelerate/ddp.yaml (multinode.yaml), or fsdp.yaml with --fsdp. --dry-run
-# prints the command and exits. Arguments are passed on quoted, never re-split or eval'd.
+# with configs/accelerate/ddp.yaml (multinode.yaml), or fsdp.yaml with --fsdp; with
+# --backend mlx, N>=2 starts N mlx.launch ranks on this machine. --dry-run prints the
+# command and exits. Arguments are passed on quoted, never re-split or eval'd.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 die() { echo "start_training.sh: $*" >&2; exit 2; }
 need() { [ "$1" -ge 2 ] || die "$2 needs a value"; }
 whole() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"; }
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --gpus) need $# "$1"; GPUS=$2; shift 2 ;;
     --fsdp) FSDP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
-    --backend) need $# "$1"; BACKEND=$2; PASS+=(--backend "$2"); shift 2 ;;
+    --backend) need $# "$1"; BACKEND=$2; shift 2 ;;
     --num-machines) need $# "$1"; NUM_MACHINES=$2; shift 2 ;;
     --machine-rank) need $# "$1"; MACHINE_RANK=$2; shift 2 ;;
     --main-process-ip) need $# "$1"; MAIN_IP=$2; shift 2 ;;
@@ -50,14 +51,20 @@ if [ ! -x .venv/bin/python ]; then
   ./setup.sh
 fi
 PY=.venv/bin/python
+ALL=("${PASS[@]}"); [ "$BACKEND" = torch ] || ALL+=(--backend "$BACKEND")
 # Validate the flags before anything slow happens: the usage, then the problem in one line.
-if ! err=$("$PY" -c 'import sys; from configs.cli import parse_args; parse_args(sys.argv[1:], prog="start_training.sh")' "${PASS[@]}" 2>&1 >/dev/null); then
+if ! err=$("$PY" -c 'import sys; from configs.cli import parse_args; parse_args(sys.argv[1:], prog="start_training.sh")' "${ALL[@]}" 2>&1 >/dev/null); then
   usage; echo "$err" >&2; exit 2
 fi
 
-if [ "$BACKEND" = mlx ] || { [ "$GPUS" -le 1 ] && [ "$NUM_MACHINES" -eq 1 ]; }; then
+if [ "$BACKEND" = mlx ] && [ "$NUM_MACHINES" -gt 1 ]; then
+  die "--backend mlx runs on one machine (mlx.launch ranks there); drop --num-machines"
+elif [ "$BACKEND" = mlx ] && [ "$GPUS" -ge 2 ]; then
+  # mlx.launch reads --backend itself: mlx_train.py is the MLX loop without that flag.
+  CMD=(.venv/bin/mlx.launch --backend ring -n "$GPUS" "$PY" mlx_train.py "${PASS[@]}")
+elif [ "$GPUS" -le 1 ] && [ "$NUM_MACHINES" -eq 1 ]; then
   [ "$GPUS" = 0 ] && export CUDA_VISIBLE_DEVICES=""
-  CMD=("$PY" train.py "${PASS[@]}")
+  CMD=("$PY" train.py "${ALL[@]}")
 else
   if [ "$FSDP" = 1 ]; then ACCEL_CONFIG=configs/accelerate/fsdp.yaml
   elif [ "$NUM_MACHINES" -gt 1 ]; then ACCEL_CONFIG=configs/accelerate/multinode.yaml
@@ -67,13 +74,13 @@ else
        --num_processes "$((GPUS * NUM_MACHINES))" --num_machines "$NUM_MACHINES"
        --machine_rank "$MACHINE_RANK" --main_process_port "$MAIN_PORT")
   [ -n "$MAIN_IP" ] && CMD+=(--main_process_ip "$MAIN_IP")
-  CMD+=(train.py "${PASS[@]}")
+  CMD+=(train.py "${ALL[@]}")
 fi
 echo "[start] $(printf '%q ' "${CMD[@]}")"
 [ "$DRY_RUN" = 1 ] && exit 0
 
 # The smoke preset trains on the bundled sample: prepare it on first use.
-DATA_DIR=$("$PY" -c 'import sys; from configs.cli import parse_args; c,_=parse_args(sys.argv[1:]); print(c.data_dir if not c.sync_data else "")' "${PASS[@]}")
+DATA_DIR=$("$PY" -c 'import sys; from configs.cli import parse_args; c,_=parse_args(sys.argv[1:]); print(c.data_dir if not c.sync_data else "")' "${ALL[@]}")
 if [ "$CONFIG" = smoke ] && [ -n "$DATA_DIR" ] && [ ! -f "$DATA_DIR/dataset.json" ]; then
   echo "[start] sample data missing: python -m data.prepare --out $DATA_DIR"
   "$PY" -m data.prepare --out "$DATA_DIR"

@@ -79,6 +79,8 @@ def test_bad_option_prints_usage_then_the_problem_and_exits_2(args: list[str], p
     (["--gpus", "8", "--num-machines", "2"], "--num-machines 2 needs --main-process-ip"),
     (["--gpus", "8", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"],
      "--machine-rank 2 must be below --num-machines 2"),
+    (["--gpus", "2", "--backend", "mlx", "--num-machines", "2", "--main-process-ip", "h"],
+     "--backend mlx runs on one machine"),
 ])
 def test_bad_launch_setting_is_one_line_and_exit_2(args: list[str], problem: str,
                                                    tmp_path: Path) -> None:
@@ -107,6 +109,9 @@ PASSED = ["--run-name", "a b", "--bucket", ""]  # a space and an empty value, ke
      [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/multinode.yaml",
       "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1",
       "--main_process_port", "29555", "--main_process_ip", "10.1.2.3", "train.py"]),
+    (["--gpus", "2", "--backend", "mlx"],
+     [".venv/bin/mlx.launch", "--backend", "ring", "-n", "2", ".venv/bin/python",
+      "mlx_train.py"]),
     (["--gpus", "8", "--fsdp", "--num-machines", "2", "--main-process-ip", "10.1.2.3"],
      [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml",
       "--num_processes", "16", "--num_machines", "2", "--machine_rank", "0",
