@@ -245,6 +245,15 @@ def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
     state = json.loads((_checkpoint(out, 10) / "trainer_state.json").read_text())["state"]
     assert state["world_size"] == 2 and state["global_batch_windows"] == 4
 
+    # One process (batch 4) resumes the two ranks' checkpoint and goes on as the 1-process run.
+    run = train(tmp_path, "resumed", [*MLX, *_args(sample_data, out, "--max-steps", "12",
+                                                   "--resume", "latest")], env=ENV)
+    assert run.proc.returncode == 0, run.stderr[-2000:]
+    assert "at step 10" in run.stdout
+    resumed = [r["loss"] for r in metrics(out) if r["step"] > 10]
+    expected = [r["loss"] for r in metrics(mlx_out[0])[10:12]]
+    assert np.allclose(resumed, expected, rtol=0, atol=1e-4), (resumed, expected)
+
 
 def test_unsupported_precision_is_one_line_from_the_mlx_cli(sample_data, tmp_path):
     result = subprocess.run(
