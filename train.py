@@ -47,11 +47,13 @@ from utils.run_setup import (
     continue_from,
     copy_tokenizer,
     due,
+    finish_uploads,
     flat_hparams,
     open_checkpoint_store,
     resolve_resume,
     sync_training_data,
     tokenizer_dir,
+    uploads_survive_an_abort,
 )
 from utils.signals import PreemptionHandler
 from utils.storage import StorageError
@@ -195,7 +197,7 @@ def train(config: TrainingConfig) -> dict:
     bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     meter.reset()
-    try:
+    with uploads_survive_an_abort(publisher, bar, config, say):
         while state.step < config.max_steps:
             step_tokens = 0
             for _ in range(config.gradient_accumulation_steps):
@@ -257,16 +259,8 @@ def train(config: TrainingConfig) -> dict:
                 stopped_early = True
                 say(f"stopping at step {state.step} on request; checkpoint {saved_paths[-1].name}")
                 break
-    except BaseException:
-        bar.close()
-        say("run aborted: waiting for uploads of earlier checkpoints")
-        publisher.close(timeout=config.upload_timeout_s)
-        raise
-    bar.close()
-
     elapsed = time.perf_counter() - started
-    uploads_done = publisher.close(timeout=config.upload_timeout_s if stopped_early
-                                   else config.final_upload_timeout_s)
+    uploads_done = finish_uploads(publisher, config, stopped_early)
     if config.merge and config.stage != "pretrain" and not stopped_early:
         if accelerator.is_main_process:  # from the final checkpoint, complete by now
             from utils.finetune import merge_adapter

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -148,6 +149,26 @@ def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
             f"loss became {mean_loss} at step {step}: stopping without saving (lower "
             f"--learning-rate, or check the data); the last complete checkpoint is still in "
             f"{ckpt_root}")
+
+
+@contextmanager
+def uploads_survive_an_abort(publisher, bar, config: TrainingConfig, say) -> Iterator[None]:
+    """Around the loop: a crash or Ctrl-C still waits (bounded) for earlier checkpoints'
+    uploads before it propagates; the progress bar is closed either way."""
+    try:
+        yield
+    except BaseException:
+        bar.close()
+        say("run aborted: waiting for uploads of earlier checkpoints")
+        publisher.close(timeout=config.upload_timeout_s)
+        raise
+    bar.close()
+
+
+def finish_uploads(publisher, config: TrainingConfig, stopped_early: bool) -> bool:
+    """Wait for the uploads: bounded after a preemption, up to an hour at a normal end."""
+    return publisher.close(timeout=config.upload_timeout_s if stopped_early
+                           else config.final_upload_timeout_s)
 
 
 def flat_hparams(config: dict) -> dict:
