@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from configs.cli import parse_args
 from configs.training_config import TrainingConfig
-from utils.checkpoint import CheckpointError, TrainState
+from utils.checkpoint import CheckpointError, TrainState, checkpoint_name
 from utils.data_utils import DataError, WindowBatchSampler
 from utils.lr_schedule import lr_factor
 from utils.metrics import MetricsWriter, ThroughputMeter, flops_per_token, format_eta, run_summary
@@ -151,9 +151,7 @@ def train(config: TrainingConfig) -> dict:
                        world_size=world,
                        global_batch_windows=config.per_device_train_batch_size * world)
     if resume_from is not None:
-        params, saved = load_checkpoint(
-            model, optimizer, resume_from,
-            None if config.stage == "pretrain" else task.read_weights)
+        params, saved = load_checkpoint(model, optimizer, resume_from, task.read_weights)
         continue_from(state, saved, resume_from, say)
     elif config.resume:
         say("no complete checkpoint found: starting from scratch")
@@ -195,8 +193,8 @@ def train(config: TrainingConfig) -> dict:
     tokenizer = tokenizer_dir(task.meta, Path(config.data_dir))
 
     def save() -> Path:
-        if not main:
-            return ckpt_root
+        if not main:  # rank 0 writes the weights every rank holds
+            return ckpt_root / checkpoint_name(state)
         path = save_checkpoint(lambda folder: task.write_weights(params, folder), optimizer,
                                state, asdict(config), ckpt_root)
         copy_tokenizer(tokenizer, path)

@@ -71,6 +71,16 @@ def to_hf_config(
     return config
 
 
+def hf_config_for(model: str, meta: dict | None) -> GPTNeoXConfig:
+    """The config of preset ``model`` with the vocabulary and special ids of the data's tokenizer
+    (``dataset.json``), as both backends build it."""
+    meta = meta or {}
+    return to_hf_config(MODEL_SIZES[model], vocab_size=meta.get("vocab_size"),
+                        bos_token_id=meta.get("bos_token_id", 0),
+                        eos_token_id=meta.get("eos_token_id", 0),
+                        pad_token_id=meta.get("pad_token_id"))
+
+
 def count_parameters(model) -> tuple[int, int]:
     """Total parameters and parameters without the (untied) input and output embeddings."""
     total = sum(p.numel() for p in model.parameters())

@@ -539,3 +539,24 @@ def make_torch_loader(
         # or a resumed run's dropout masks would be one draw off the uninterrupted run's.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+@dataclass
+class PretrainData:
+    """The pretraining stage's data, the same for both backends."""
+
+    windows: TokenWindows
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+    num_files: int
+    meta: dict
+
+
+def pretrain_data(data_dir: str | Path, seq_len: int, max_files: int, eval_windows: int,
+                  seed: int) -> PretrainData:
+    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones."""
+    root = Path(data_dir)
+    shards = find_shards(root, max_files=max_files or None)
+    windows = TokenWindows(shards, seq_len, root=root)
+    train_idx, eval_idx = train_eval_split(len(windows), eval_windows, seed)
+    return PretrainData(windows, train_idx, eval_idx, len(shards), read_dataset_meta(root) or {})

@@ -24,6 +24,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -149,6 +150,12 @@ def load_weights(model: Model, weights: dict[str, mx.array], source: Path) -> No
                               "that wrote it")
     model.update(tree_unflatten([(k, v.astype(expected[k].dtype)) for k, v in weights.items()]))
     mx.eval(model.parameters())
+
+
+def load_full_weights(model: Model, directory: Path) -> None:
+    """A checkpoint's model.safetensors into ``model`` (strictly, see ``load_weights``)."""
+    load_weights(model, mx.load(str(directory / "model.safetensors")),
+                 directory / "model.safetensors")
 
 
 def save_pretrained(params: dict, hf_config, directory: Path) -> None:
@@ -293,25 +300,22 @@ def load_checkpoint(model: Model, optimizer: optim.Optimizer, ckpt_dir: Path,
                     read_weights: Callable[[Path], None] | None = None) -> tuple[dict, TrainState]:
     """Restore weights and optimizer state (MLX's, or converted from torch's); return both.
 
-    ``read_weights`` loads a LoRA checkpoint's adapters (default: the full model). Returns the
-    fp32 trainable parameter tree and the saved TrainState.
+    ``read_weights`` loads the checkpoint's weights into ``model`` (default: the full model;
+    LoRA stages pass their adapter loader). Returns the fp32 trainable parameter tree and the
+    saved TrainState.
     """
     problem = verify(ckpt_dir, hashes=True)
     if problem:
         raise CheckpointError(f"checkpoint {ckpt_dir} is not usable: {problem}; "
                               f"resume from another one (--resume latest skips it)")
     try:
-        if read_weights is None:
-            load_weights(model, mx.load(str(ckpt_dir / "model.safetensors")),
-                         ckpt_dir / "model.safetensors")
-        else:
-            read_weights(ckpt_dir)
+        (read_weights or partial(load_full_weights, model))(ckpt_dir)
         params = model.trainable_parameters()
         if (ckpt_dir / "optimizer.safetensors").is_file():
             source = ckpt_dir / "optimizer.safetensors"
             state = tree_unflatten(list(mx.load(str(source)).items()))
-        elif read_weights is None:  # torch's: convert (utils.checkpoint requires one of the two)
-            source = ckpt_dir / "optimizer.pt"
+        elif (ckpt_dir / "model.safetensors").is_file():  # torch's full model: convert
+            source = ckpt_dir / "optimizer.pt"  # (utils.checkpoint requires one of the two)
             state = torch_optimizer_state(ckpt_dir,
                                           json.loads((ckpt_dir / "config.json").read_text()))
         else:

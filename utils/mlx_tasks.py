@@ -18,11 +18,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from configs.model_config import MODEL_SIZES, to_hf_config
+from configs.model_config import hf_config_for
 from configs.training_config import TrainingConfig
-from utils.data_utils import TokenWindows, find_shards, read_dataset_meta, train_eval_split
+from utils.data_utils import pretrain_data
 from utils.finetune import IGNORE, check_vocab, lora_targets, pad_dpo, pad_sft, prepare_finetune
-from utils.mlx_model import build_model, load_weights, save_pretrained
+from utils.mlx_model import build_model, load_full_weights, save_pretrained
 
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -67,26 +67,19 @@ def _counts(model: nn.Module) -> tuple[int, int]:
 # ------------------------------------------------------------------ pretraining
 
 def pretrain_task(config: TrainingConfig) -> MlxTask:
-    root = Path(config.data_dir)
-    shards = find_shards(root, max_files=config.max_files or None)
-    windows = TokenWindows(shards, config.seq_len, root=root)
-    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
-    meta = read_dataset_meta(root) or {}
-    hf_config = to_hf_config(
-        MODEL_SIZES[config.model], vocab_size=meta.get("vocab_size"),
-        bos_token_id=meta.get("bos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0),
-        pad_token_id=meta.get("pad_token_id"))
+    data = pretrain_data(config.data_dir, config.seq_len, config.max_files, config.eval_windows,
+                         config.seed)
+    hf_config = hf_config_for(config.model, data.meta)
     model = build_model(hf_config.to_dict(), config.seed)
     total, non_embedding = _counts(model)
     return MlxTask(
-        model=model, examples=windows, train_idx=train_idx, eval_idx=eval_idx,
-        num_files=len(shards), collate=lambda rows: {"input_ids": np.stack(rows)},
+        model=model, examples=data.windows, train_idx=data.train_idx, eval_idx=data.eval_idx,
+        num_files=data.num_files, collate=lambda rows: {"input_ids": np.stack(rows)},
         loss=lambda m, batch: (causal_lm_loss(m, batch["input_ids"]), {}),
         count_tokens=lambda batch: batch["input_ids"].size - len(batch["input_ids"]),
         write_weights=lambda params, folder: save_pretrained(params, hf_config, folder),
-        read_weights=lambda folder: load_weights(model, mx.load(str(folder / "model.safetensors")),
-                                                 folder / "model.safetensors"),
-        total_params=total, non_embedding_params=non_embedding, meta=meta)
+        read_weights=partial(load_full_weights, model),
+        total_params=total, non_embedding_params=non_embedding, meta=data.meta)
 
 
 def causal_lm_loss(model: nn.Module, windows: mx.array) -> mx.array:

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from configs.model_config import MODEL_SIZES, to_hf_config
+from configs.model_config import hf_config_for
 from configs.training_config import TrainingConfig
 
 
@@ -18,12 +18,7 @@ def build_model(config: TrainingConfig, meta: dict | None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint write is noise in the log
-    meta = meta or {}
-    hf_config = to_hf_config(
-        MODEL_SIZES[config.model], vocab_size=meta.get("vocab_size"),
-        bos_token_id=meta.get("bos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0),
-        pad_token_id=meta.get("pad_token_id"))
-    return GPTNeoXForCausalLM(hf_config)
+    return GPTNeoXForCausalLM(hf_config_for(config.model, meta))
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import TokenWindows, find_shards, read_dataset_meta, train_eval_split
+from utils.data_utils import pretrain_data
 from utils.modeling import build_model, causal_lm_loss
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]],
@@ -45,18 +44,13 @@ def build_task(config: TrainingConfig) -> Task:
 
 
 def pretrain_task(config: TrainingConfig) -> Task:
-    root = Path(config.data_dir)
-    shards = find_shards(root, max_files=config.max_files or None)
-    windows = TokenWindows(shards, config.seq_len, root=root)
-    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
-    meta = read_dataset_meta(root) or {}
-    model = build_model(config, meta)
-    if meta.get("vocab_size", 0) > model.config.vocab_size:
-        raise ValueError("dataset vocabulary is larger than the model's")
-    return Task(model=model, examples=windows, train_idx=train_idx, eval_idx=eval_idx,
-                num_files=len(shards), collate=_stack_windows, loss=_pretrain_loss,
+    data = pretrain_data(config.data_dir, config.seq_len, config.max_files, config.eval_windows,
+                         config.seed)
+    return Task(model=build_model(config, data.meta), examples=data.windows,
+                train_idx=data.train_idx, eval_idx=data.eval_idx, num_files=data.num_files,
+                collate=_stack_windows, loss=_pretrain_loss,
                 count_tokens=lambda batch: batch["input_ids"].shape[0] * config.seq_len,
-                meta=meta)
+                meta=data.meta)
 
 
 def _stack_windows(windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
