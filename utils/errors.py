@@ -1,0 +1,42 @@
+"""The one-line error types every layer raises, and the idiom that keeps them one line.
+
+Each ``str(error)`` is a single readable line naming the problem and the fix; the command-line
+entry points print it as ``error: ...`` and exit non-zero instead of showing a traceback. They
+live here, below every other layer, so configs, storage, data, checkpoints, stages and both
+engines can raise them without importing each other.
+"""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Base of the errors a user can act on; str() is one line naming the problem and fix."""
+
+
+class ConfigError(HarnessError, ValueError):
+    """A configuration problem (bad flag value, incompatible options)."""
+
+
+class DataError(HarnessError):
+    """Training data that cannot be used (missing, malformed, inconsistent)."""
+
+
+class StorageError(HarnessError):
+    """A bucket or local store problem; names the bucket/path and the fix."""
+
+
+class CheckpointError(HarnessError, RuntimeError):
+    """A checkpoint that cannot be used; names it and says what to do."""
+
+
+class TrainingError(HarnessError, RuntimeError):
+    """Stops the run with one readable line (NaN loss, bad resume target, ...)."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's text (or its type name), at most ``limit``.
+
+    Library exceptions often carry multi-line dumps; a one-line error quotes only this.
+    """
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]

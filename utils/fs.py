@@ -1,0 +1,62 @@
+"""Crash-safe local writes: a reader sees the old content or the new, never half of one.
+
+Folders (checkpoints, merged models, downloads) are written under a hidden ``.tmp-`` name and
+renamed into place; single files through a hidden temporary and ``os.replace``. Every
+``.tmp-`` folder is ours and may be removed whenever no write is under way.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def tmp_dir_for(final: Path) -> Path:
+    """The hidden folder that ``final`` is written in before it is renamed into place."""
+    return final.parent / f"{TMP_PREFIX}{final.name}"
+
+
+def remove_stale_tmp(root: Path, pattern: str = "*") -> None:
+    """Remove ``.tmp-`` folders under root left by writes a crash cut short."""
+    for stale in root.glob(f"{TMP_PREFIX}{pattern}"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the directory entry, not just the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a hidden temporary next to it, fsynced, then renamed over it."""
+    tmp = path.parent / f".{path.name}.part-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Move a finished folder into place: ``final`` is always either the old or the new one."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.replace(old)
+        tmp.replace(final)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(final)
+    fsync_dir(final.parent)
+    return final
