@@ -17,15 +17,10 @@ import sys
 from pathlib import Path
 
 from utils.checkpoint import CheckpointError
-from utils.finetune import (
-    ADAPTER_CONFIG,
-    TEMPLATES,
-    adapter_base,
-    format_prompt,
-    load_base,
-    load_tokenizer,
-    resolve_tokenizer,
-)
+from utils.checkpoint.format import ADAPTER_CONFIG
+from utils.stages.base import adapter_base, load_tokenizer, resolve_tokenizer
+from utils.stages.examples import TEMPLATES, format_prompt
+from utils.torch_engine.lora import load_base
 
 
 def load(model_dir: Path | None, adapter_dir: Path | None):

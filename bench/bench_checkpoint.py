@@ -54,7 +54,7 @@ def child(args: argparse.Namespace) -> None:
     """One training run; writes step and upload timings as JSON to args.result."""
     import train
     from configs.cli import parse_args
-    from utils.metrics import MetricsWriter
+    from utils.loop.metrics import MetricsWriter
 
     steps: list[tuple[float, int, float]] = []  # (time logged, step, step_time_s)
     publishers: list[train.CheckpointPublisher] = []

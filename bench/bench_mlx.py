@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utils.mlx_model import OPENBLAS_OPT_OUT, openblas_preload  # noqa: E402
+from utils.mlx_engine.blas import OPENBLAS_OPT_OUT, openblas_preload  # noqa: E402
 
 INTERVAL = 10  # steps per measured interval
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {

@@ -53,7 +53,7 @@ from bench.bench_mlx_sweep import (  # noqa: E402
     ensure_sample_data,
     train_metrics,
 )
-from utils.mlx_model import openblas_preload  # noqa: E402
+from utils.mlx_engine.blas import openblas_preload  # noqa: E402
 
 KEYS = ["attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }}"

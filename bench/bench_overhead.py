@@ -33,8 +33,9 @@ def bare_loop(data_dir: str, steps: int, seq_len: int, batch: int) -> list[float
 
     from configs.training_config import PRESETS
     from utils.data_utils import TokenWindows, find_shards, read_dataset_meta
-    from utils.modeling import build_model, causal_lm_loss
-    from utils.optim import build_adamw
+    from utils.torch_engine.losses import causal_lm_loss
+    from utils.torch_engine.model import build_model
+    from utils.torch_engine.optim import build_adamw
 
     torch.manual_seed(0)
     config = PRESETS["smoke"]

@@ -12,14 +12,11 @@ import os
 import typing
 from dataclasses import fields, replace
 
-from configs.model_config import MODEL_SIZES
-from configs.training_config import PRESETS, TrainingConfig
+from configs.model_config import LORA_TARGETS, MODEL_SIZES
+from configs.training_config import PRESETS, QUANT_BITS, TrainingConfig
+from utils.errors import ConfigError
 
 BUCKET_ENV = "HARNESS_BUCKET"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; str() is one line naming it and the fix."""
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -106,6 +103,30 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         raise ConfigError("--quantize-bits applies to LoRA stages (a frozen base); use it with "
                           "--stage sft or dpo")
     if config.stage != "pretrain" or config.topics:
-        from utils.finetune import validate_finetune
+        validate_lora(config)
 
-        validate_finetune(config)
+
+def validate_lora(config: TrainingConfig) -> None:
+    """LoRA settings that cannot work (SFT, DPO and curriculum stages)."""
+    if not config.init_from:
+        raise ConfigError(f"stage {config.stage} needs a base model: pass --init-from PATH (a "
+                          f"checkpoint or Hugging Face GPT-NeoX folder) or --init-from latest "
+                          f"(newest checkpoint of --init-run, now {config.init_run!r})")
+    unknown = [t for t in config.lora_targets if t not in LORA_TARGETS]
+    if unknown or not config.lora_targets:
+        raise ConfigError(f"--lora-target-modules {config.lora_target_modules!r}: "
+                          f"{'unknown ' + ', '.join(unknown) if unknown else 'none given'}; use "
+                          f"a comma-separated subset of {','.join(LORA_TARGETS)}")
+    if config.lora_r < 1 or config.lora_alpha <= 0:
+        raise ConfigError(f"--lora-r must be >= 1 and --lora-alpha > 0, got {config.lora_r} "
+                          f"and {config.lora_alpha}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be within [0, 1), got {config.lora_dropout}")
+    if config.stage == "dpo" and not config.dpo_beta > 0:
+        raise ConfigError(f"--dpo-beta must be > 0, got {config.dpo_beta}")
+    if config.quantize_bits not in (0, *QUANT_BITS):
+        raise ConfigError(f"--quantize-bits must be {' or '.join(map(str, QUANT_BITS))} "
+                          f"(0 = full-precision base), got {config.quantize_bits}")
+    if config.quantize_bits and config.backend != "mlx":
+        raise ConfigError("--quantize-bits (QLoRA) needs --backend mlx: the torch backend has no "
+                          "4/8-bit kernels on this install; drop the flag or add --backend mlx")

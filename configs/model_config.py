@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from transformers import GPTNeoXConfig
 
+# GPT-NeoX linear layers LoRA may adapt (peft's target names; each engine maps them).
+LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -81,9 +84,14 @@ def hf_config_for(model: str, meta: dict | None) -> GPTNeoXConfig:
                         pad_token_id=meta.get("pad_token_id"))
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """Total parameters and parameters without the (untied) input and output embeddings."""
-    total = sum(p.numel() for p in model.parameters())
-    embeddings = model.get_input_embeddings().weight.numel()
-    embeddings += model.get_output_embeddings().weight.numel()
-    return total, total - embeddings
+def count_parameters(config: GPTNeoXConfig | dict) -> tuple[int, int]:
+    """Total parameters and those without the (untied) input and output embeddings.
+
+    From the config alone, so both backends report the same numbers before any LoRA or
+    quantization: per layer 12 h^2 (QKV, output, the 4x MLP) + 13 h (their biases, two
+    LayerNorms), a final LayerNorm, and two V x h embeddings.
+    """
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    non_embedding = layers * (12 * hidden * hidden + 13 * hidden) + 2 * hidden
+    return non_embedding + 2 * cfg["vocab_size"] * hidden, non_embedding

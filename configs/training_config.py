@@ -6,8 +6,10 @@ Every field is also a command-line flag under its own name with dashes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Literal
+
+QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
 
 
 @dataclass
@@ -72,6 +74,11 @@ class TrainingConfig:
     def effective_output_dir(self) -> str:
         return self.output_dir or f"outputs/{self.run_name}"
 
+    @property
+    def lora_targets(self) -> list[str]:
+        """``lora_target_modules`` as a list of module names."""
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
 
 PRESETS: dict[str, TrainingConfig] = {
     # Tiny GPT-NeoX on the bundled sample, a local directory as the bucket:
@@ -119,5 +126,3 @@ def preset(name: str, **overrides) -> TrainingConfig:
     """A copy of a preset with overrides applied (``KeyError`` for an unknown name)."""
     return replace(PRESETS[name], **overrides)
 
-
-FIELD_NAMES = tuple(f.name for f in fields(TrainingConfig))

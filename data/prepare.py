@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_utils import META_NAME, SHARD_SUFFIXES, DataError
+from utils.data_utils import META_NAME, SHARD_SUFFIXES
+from utils.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

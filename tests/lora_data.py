@@ -50,10 +50,20 @@ def mean_answer_logp(model, examples, pad_id: int) -> float:
     """A torch model's mean summed log-probability of the examples' answers."""
     import torch
 
-    from utils.finetune import answer_logps, torch_collate
+    from utils.torch_engine.losses import answer_logps
 
     batch = torch_collate(examples, pad_id, pairs=False)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
     return answer_logps(logits, batch["labels"]).mean().item()
+
+
+def torch_collate(examples, pad_id: int, pairs: bool) -> dict:
+    """pad_sft / pad_dpo as torch tensors, as the torch engine's loader gives them."""
+    import torch
+
+    from utils.stages.examples import pad_dpo, pad_sft
+
+    batch = (pad_dpo if pairs else pad_sft)(examples, pad_id)
+    return {key: torch.from_numpy(value) for key, value in batch.items()}

@@ -30,19 +30,18 @@ from utils.checkpoint import (
     TrainState,
     choose_resume,
     find_complete,
-    load_checkpoint,
     prune,
     remote_complete,
-    save_checkpoint,
     verify,
     write_manifest,
 )
+from utils.checkpoint.publisher import CheckpointPublisher
 from utils.data_utils import DataPosition
-from utils.lr_schedule import lr_factor
-from utils.modeling import causal_lm_loss
-from utils.optim import build_adamw
+from utils.loop.schedule import lr_factor
 from utils.storage import open_store
-from utils.uploader import CheckpointPublisher
+from utils.torch_engine.checkpoint_io import load_checkpoint, save_checkpoint
+from utils.torch_engine.losses import causal_lm_loss
+from utils.torch_engine.optim import build_adamw
 
 SIZE = ModelSize(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=64)
@@ -352,7 +351,8 @@ def test_failures_retry_queue_full_waits_and_retention(saved, gcs_emulator, gcs_
         proxy.stop()
     assert any("upload queue full" in line for line in logs)
     assert any("failed" in line and "retrying in" in line for line in logs)
-    assert publisher.uploaded == [c.name for c in ckpts]  # nothing dropped, in order
+    uploaded = [r.name for r in publisher.history if r.uploaded]
+    assert uploaded == [c.name for c in ckpts]  # nothing dropped, in order
     kept = [c.name for c in ckpts[1:]]
     assert [p.name for p in find_complete(path.parent)] == kept
     assert remote_problems(direct, PREFIX) == dict.fromkeys(kept, "")
@@ -383,7 +383,7 @@ def test_exit_waits_for_pending_uploads(saved, tmp_path):
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
         from utils.storage import LocalStore
-        from utils.uploader import CheckpointPublisher
+        from utils.checkpoint.publisher import CheckpointPublisher
 
         class SlowStore(LocalStore):  # a remote bucket: each file takes a while
             def child(self, prefix):

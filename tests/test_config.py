@@ -10,9 +10,10 @@ import torch
 from configs.cli import parse_args
 from configs.model_config import MODEL_SIZES, count_parameters, to_hf_config
 from configs.training_config import PRESETS
-from utils.lr_schedule import lr_factor
-from utils.metrics import GPU_PEAK_BF16, flops_per_token
-from utils.optim import param_groups
+from utils.loop.metrics import flops_per_token
+from utils.loop.schedule import lr_factor
+from utils.torch_engine.model import GPU_PEAK_BF16
+from utils.torch_engine.optim import param_groups
 
 
 def test_neox_1_2b_parameter_counts_on_meta_device():
@@ -27,7 +28,10 @@ def test_neox_1_2b_parameter_counts_on_meta_device():
     assert config.hidden_act == "gelu_new"
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
-    assert count_parameters(model) == (1_414_455_296, 1_208_602_624)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = 2 * config.vocab_size * config.hidden_size  # untied input and output
+    assert (total, total - embeddings) == (1_414_455_296, 1_208_602_624)
+    assert count_parameters(config) == (total, total - embeddings)  # from the config alone
 
 
 def test_config_json_carries_mlx_rotary_fields(tmp_path):
@@ -102,7 +106,7 @@ def test_lr_schedule_shape():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    from utils.modeling import build_model
+    from utils.torch_engine.model import build_model
 
     model = build_model(PRESETS["smoke"], {"vocab_size": 64})
     decay, no_decay = param_groups(model, 0.1)

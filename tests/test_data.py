@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from utils.data_utils import (
-    DataError,
     DataPosition,
     TokenWindows,
     WindowBatchSampler,
     find_shards,
-    make_torch_loader,
     position_after,
     read_dataset_meta,
     train_eval_split,
 )
+from utils.errors import DataError
+from utils.torch_engine.loader import make_torch_loader
 
 
 def tokens(n: int, start: int) -> np.ndarray:
@@ -286,13 +286,14 @@ def test_torch_loader_workers_match_and_position_counts_consumed(tmp_path: Path)
     for workers in (0, 2):
         s = WindowBatchSampler(np.arange(len(ds)), 4, 1, 2, 9, start)
         loader = make_torch_loader(
-            ds, s, num_workers=workers, prefetch_factor=4 if workers else None
+            ds, s, lambda rows: {"input_ids": np.stack(rows)}, num_workers=workers,
+            prefetch_factor=4 if workers else None,
         )
         it = iter(loader)
-        batches = [next(it) for _ in range(5)]
+        batches = [next(it)["input_ids"] for _ in range(5)]
         # workers have prefetched far ahead; the position counts only the 5 consumed batches
         assert s.position == position_after(start, 5, 8, len(ds))
-        batches += [next(iter(loader)) for _ in range(2)]  # a fresh iterator resumes there
+        batches += [next(iter(loader))["input_ids"] for _ in range(2)]  # a fresh one resumes
         results[workers] = batches
     ref = iter(WindowBatchSampler(np.arange(len(ds)), 4, 1, 2, 9, start))
     for a, b in zip(results[0], results[2], strict=True):

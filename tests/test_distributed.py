@@ -296,8 +296,10 @@ from transformers import AutoModelForCausalLM
 from configs.training_config import preset
 from utils import checkpoint
 from utils.checkpoint import TrainState
-from utils.modeling import build_model, causal_lm_loss
-from utils.optim import build_adamw
+from utils.torch_engine import checkpoint_io
+from utils.torch_engine.model import build_model
+from utils.torch_engine.losses import causal_lm_loss
+from utils.torch_engine.optim import build_adamw
 
 out = Path(sys.argv[1])
 acc = Accelerator(cpu=True)
@@ -339,7 +341,7 @@ w = model.gpt_neox.layers[0].attention.query_key_value.weight
 result["local_rows"], result["rows"] = w.to_local().shape[0], w.shape[0]
 result["dtensor"] = isinstance(w, DTensor)
 result["before"] = train(model, opt, sched, range(3))
-path = checkpoint.save_checkpoint(acc, model, opt, sched, TrainState(step=3), {}, out)
+path = checkpoint_io.save_checkpoint(acc, model, opt, sched, TrainState(step=3), {}, out)
 if acc.is_main_process:
     checkpoint.write_manifest(path)
 # The same weights the way accelerate's save_state writes SHARDED_STATE_DICT: one file per rank.
@@ -348,7 +350,7 @@ acc.wait_for_everyone()
 result["after"] = train(model, opt, sched, range(3, 6))
 
 model, opt, sched = sharded(1)  # other initial weights: only the checkpoint can make them equal
-result["step"] = checkpoint.load_checkpoint(acc, model, opt, sched, path).step
+result["step"] = checkpoint_io.load_checkpoint(acc, model, opt, sched, path).step
 probe = batch(99, 0)
 with torch.no_grad():
     result["sharded_loss"] = causal_lm_loss(model, probe).item()

@@ -32,31 +32,23 @@ from lora_data import (
     prefs,
     qa,
     refusals,
+    torch_collate,
     write_jsonl,
 )
 
 from configs.training_config import TrainingConfig
 from utils.checkpoint import CheckpointError, find_complete, verify
-from utils.data_utils import DataError
-from utils.finetune import (
-    IGNORE,
-    answer_logps,
+from utils.errors import DataError
+from utils.mlx_engine.blas import openblas_preload
+from utils.stages.base import encoder, resolve_base, resolve_tokenizer
+from utils.stages.examples import IGNORE, load_dpo, load_sft, pad_sft
+from utils.torch_engine.lora import (
     build_lora_model,
-    dpo_from_logps,
-    dpo_loss,
-    encoder,
     load_adapter_weights,
     load_base,
-    load_dpo,
-    load_sft,
     merge_adapter,
-    pad_sft,
-    resolve_base,
-    resolve_tokenizer,
-    sft_loss,
-    torch_collate,
 )
-from utils.mlx_model import openblas_preload
+from utils.torch_engine.losses import answer_logps, dpo_from_logps, dpo_loss, sft_loss
 
 
 def _lora_config(base: Path, **overrides) -> TrainingConfig:

@@ -29,15 +29,10 @@ from transformers import GPTNeoXForCausalLM
 from configs.model_config import MODEL_SIZES, to_hf_config
 from utils import checkpoint
 from utils.checkpoint import CheckpointError
-from utils.lr_schedule import lr_factor
-from utils.mlx_model import (
-    build_model,
-    build_optimizer,
-    load_checkpoint,
-    load_pretrained,
-    model_args,
-    openblas_preload,
-)
+from utils.loop.schedule import lr_factor
+from utils.mlx_engine.blas import openblas_preload
+from utils.mlx_engine.checkpoint_io import load_checkpoint
+from utils.mlx_engine.model import build_model, build_optimizer, load_pretrained, model_args
 from utils.storage import open_store
 
 MLX = ["--backend", "mlx"]

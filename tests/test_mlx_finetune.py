@@ -25,37 +25,30 @@ from lora_data import (
     metrics,
     prefs,
     qa,
+    torch_collate,
     write_jsonl,
 )
 from mlx.utils import tree_flatten, tree_unflatten
 from peft import PeftModel
 
 from configs.cli import parse_args
+from configs.model_config import LORA_TARGETS
 from configs.training_config import TrainingConfig
-from utils import mlx_tasks
 from utils.checkpoint import CheckpointError, find_complete
-from utils.finetune import (
-    LORA_TARGETS,
-    build_lora_model,
-    dpo_loss,
-    encoder,
-    load_base,
-    load_dpo,
-    load_sft,
-    pad_dpo,
-    pad_sft,
-    sft_loss,
-    torch_collate,
-)
-from utils.mlx_lora import (
+from utils.mlx_engine import losses as mlx_losses
+from utils.mlx_engine.blas import openblas_preload
+from utils.mlx_engine.lora import (
     adapters_disabled,
     apply_lora,
     load_adapter,
     quantize_base,
     save_adapter,
 )
-from utils.mlx_lora import load_base as mlx_load_base
-from utils.mlx_model import openblas_preload
+from utils.mlx_engine.lora import load_base as mlx_load_base
+from utils.stages.base import encoder
+from utils.stages.examples import load_dpo, load_sft, pad_dpo, pad_sft
+from utils.torch_engine.lora import build_lora_model, load_base
+from utils.torch_engine.losses import dpo_loss, sft_loss
 
 MLX = ["--backend", "mlx"]
 ENV = openblas_preload()  # MLX processes only; {} where Debian's OpenBLAS is not installed
@@ -109,13 +102,13 @@ def test_mlx_adapter_loads_in_peft_and_both_losses_agree(tmp_path, tiny_base, to
     pad = tokenizer.pad_token_id
     sft = load_sft([write_jsonl(tmp_path / "s.jsonl", qa(PAIRS[:5]))], encoder(tokenizer),
                    tokenizer.eos_token_id, 64)
-    mlx_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(pad_sft(sft, pad)))
+    mlx_loss, _ = mlx_losses.sft_loss(model, mlx_losses.to_mx(pad_sft(sft, pad)))
     torch_loss, _ = sft_loss(peft_model, torch_collate(sft, pad, pairs=False))
     assert mlx_loss.item() == pytest.approx(torch_loss.item(), rel=1e-5)
 
     pairs = load_dpo([write_jsonl(tmp_path / "d.jsonl", prefs(PAIRS[:3]))], encoder(tokenizer),
                      tokenizer.eos_token_id, 64)
-    mlx_dpo, mlx_extras = mlx_tasks.dpo_loss(model, mlx_tasks.to_mx(pad_dpo(pairs, pad)), 0.2)
+    mlx_dpo, mlx_extras = mlx_losses.dpo_loss(model, mlx_losses.to_mx(pad_dpo(pairs, pad)), 0.2)
     with torch.no_grad():
         torch_dpo, torch_extras = dpo_loss(peft_model, torch_collate(pairs, pad, pairs=True), 0.2)
     assert mlx_dpo.item() == pytest.approx(torch_dpo.item(), rel=1e-4)
@@ -138,18 +131,18 @@ def test_only_answer_tokens_carry_gradient(tmp_path, tiny_base, tokenizer):
     sft = load_sft([write_jsonl(tmp_path / "s.jsonl", qa(PAIRS[:4]))], encoder(tokenizer),
                    tokenizer.eos_token_id, 64)
     batch = pad_sft(sft, tokenizer.pad_token_id)
-    base_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(batch))
+    base_loss, _ = mlx_losses.sft_loss(model, mlx_losses.to_mx(batch))
     prompt_or_pad = batch["labels"] == -100
     shuffled = dict(batch, input_ids=np.where(
         prompt_or_pad & (batch["attention_mask"] == 0), 7, batch["input_ids"]))
-    padded_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(shuffled))
+    padded_loss, _ = mlx_losses.sft_loss(model, mlx_losses.to_mx(shuffled))
     assert padded_loss.item() == pytest.approx(base_loss.item(), rel=1e-6)  # padding is inert
     answers = dict(batch, labels=np.where(prompt_or_pad, -100, 5))
-    answer_loss, _ = mlx_tasks.sft_loss(model, mlx_tasks.to_mx(answers))
+    answer_loss, _ = mlx_losses.sft_loss(model, mlx_losses.to_mx(answers))
     assert answer_loss.item() != pytest.approx(base_loss.item(), rel=1e-3)
 
-    grads = nn.value_and_grad(model, lambda m, b: mlx_tasks.sft_loss(m, b)[0])(
-        model, mlx_tasks.to_mx(batch))[1]
+    grads = nn.value_and_grad(model, lambda m, b: mlx_losses.sft_loss(m, b)[0])(
+        model, mlx_losses.to_mx(batch))[1]
     names = [name for name, _ in tree_flatten(grads)]
     assert names and all(name.endswith(("lora_a", "lora_b")) for name in names)
 

@@ -25,10 +25,11 @@ from helpers import Run, last_step, metrics, remote_problems, train
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.data_utils import read_dataset_meta
-from utils.lr_schedule import lr_factor
-from utils.modeling import build_model
-from utils.optim import build_adamw
+from utils.loop.schedule import lr_factor
 from utils.storage import open_store
+from utils.torch_engine import checkpoint_io
+from utils.torch_engine.model import build_model
+from utils.torch_engine.optim import build_adamw
 
 RUN = "run"
 PREFIX = f"checkpoints/{RUN}"
@@ -156,7 +157,7 @@ def _check_after_kill(out: Path, store, loaded: set[tuple[str, str]],
             optimizer = build_adamw(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_factor(s, warmup_steps=1, max_steps=10, min_ratio=0.1))
-            state = checkpoint.load_checkpoint(accelerator, model, optimizer, scheduler, path)
+            state = checkpoint_io.load_checkpoint(accelerator, model, optimizer, scheduler, path)
             assert state.step == checkpoint.step_of(path.name)
             loaded.add(key)
         complete[path.name] = path

@@ -587,12 +587,12 @@ def test_key_named_in_config_is_found_under_credentials_dir(
     gcs_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import utils.storage
+    import utils.storage.credentials
 
     creds_dir = tmp_path / "credentials"
     creds_dir.mkdir()
     _key_file(creds_dir / "svc.json", 0o600)
-    monkeypatch.setattr(utils.storage, "CREDENTIALS_DIR", creds_dir)
+    monkeypatch.setattr(utils.storage.credentials, "CREDENTIALS_DIR", creds_dir)
     monkeypatch.chdir(tmp_path / "..")  # not resolvable relative to the cwd
     with caplog.at_level(logging.WARNING, logger="utils.storage"):
         store = open_store(gcs_bucket, credentials="svc.json")

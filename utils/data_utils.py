@@ -10,8 +10,8 @@ Shards live in nested folders under a data root (``data/training/`` by default):
 
 Everything is memory-mapped (compressed ``.npz`` members excepted, which cannot be), so a
 100 GB dataset costs page cache, not RAM. The module is framework-neutral (numpy only):
-the torch loop wraps it with :func:`make_torch_loader`, the MLX loop iterates
-:class:`WindowBatchSampler` directly.
+the torch engine wraps the sampler in a DataLoader (``utils/torch_engine/loader.py``), the MLX
+engine iterates it directly.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ import json
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch.utils.data
+from utils.errors import DataError
 
 SHARD_SUFFIXES = (".npy", ".npz", ".bin")
 META_NAME = "dataset.json"
@@ -40,10 +39,6 @@ HOW_TO_GET_DATA = (
 # Stream id for the eval split's RNG; epochs use [seed, epoch], so this never collides in practice.
 _EVAL_STREAM = 2**32 - 1
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, skipped fields, name and extra lengths
-
-
-class DataError(Exception):
-    """Bad or missing training data; str() is one line naming the file and the fix."""
 
 
 def _shard_sort_key(root: Path, path: Path) -> tuple[str, ...]:
@@ -488,75 +483,3 @@ class WindowBatchSampler:
         for batch in self.batches_from(self._position):
             self.advance(1)
             yield batch
-
-
-class _ReadAhead:
-    """What a DataLoader iterates: the sampler's batches from its position, read-only."""
-
-    def __init__(self, sampler: WindowBatchSampler) -> None:
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.sampler.batches_from(self.sampler.position)
-
-
-def _collate(windows: list[np.ndarray]) -> torch.Tensor:
-    import torch
-
-    return torch.from_numpy(np.stack(windows))
-
-
-def make_torch_loader(
-    windows: TokenWindows, sampler: WindowBatchSampler, num_workers: int = 0,
-    prefetch_factor: int | None = None, pin_memory: bool = False,
-    collate_fn: Callable[[list], Any] | None = None,
-) -> torch.utils.data.DataLoader:
-    """An infinite DataLoader of LongTensor (B, seq_len+1) that keeps ``sampler.position`` exact.
-
-    ``windows`` may be any map-style dataset (fine-tuning examples too) with a matching
-    ``collate_fn``; the default stacks equal-length windows.
-
-    Workers read ahead, so the loader advances the sampler only as each batch reaches the
-    caller (see :class:`WindowBatchSampler`). Do not pass it through ``accelerator.prepare``:
-    that re-shards the batches, which the sampler already did per rank.
-    """
-    import torch.utils.data
-
-    class _PositionTrackingLoader(torch.utils.data.DataLoader):
-        def __iter__(self) -> Iterator[torch.Tensor]:  # type: ignore[override]
-            for batch in super().__iter__():
-                sampler.advance(1)
-                yield batch
-
-    return _PositionTrackingLoader(
-        windows,  # type: ignore[arg-type]  # map-style: __len__ + __getitem__
-        batch_sampler=_ReadAhead(sampler),
-        num_workers=num_workers,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        pin_memory=pin_memory,
-        collate_fn=collate_fn or _collate,
-        # Its own generator: starting an iterator must not draw from the global torch RNG,
-        # or a resumed run's dropout masks would be one draw off the uninterrupted run's.
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-@dataclass
-class PretrainData:
-    """The pretraining stage's data, the same for both backends."""
-
-    windows: TokenWindows
-    train_idx: np.ndarray
-    eval_idx: np.ndarray
-    num_files: int
-    meta: dict
-
-
-def pretrain_data(data_dir: str | Path, seq_len: int, max_files: int, eval_windows: int,
-                  seed: int) -> PretrainData:
-    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones."""
-    root = Path(data_dir)
-    shards = find_shards(root, max_files=max_files or None)
-    windows = TokenWindows(shards, seq_len, root=root)
-    train_idx, eval_idx = train_eval_split(len(windows), eval_windows, seed)
-    return PretrainData(windows, train_idx, eval_idx, len(shards), read_dataset_meta(root) or {})

@@ -26,7 +26,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from utils import checkpoint
-from utils.storage import StorageError, Store
+from utils.errors import StorageError
+from utils.storage import Store
 
 
 @dataclass
@@ -58,7 +59,6 @@ class CheckpointPublisher:
         self.exit_timeout_s = exit_timeout_s
         self.nice = nice
         self.log = log
-        self.uploaded: list[str] = []
         self.history: list[Published] = []
         self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=queue_size)
         self._pending: set[str] = set()
@@ -228,7 +228,6 @@ class CheckpointPublisher:
         remote = {o.name: o for o in target.list()}
         if checkpoint.MARKER in remote:
             if target.read_bytes(checkpoint.MARKER) == marker:
-                self.uploaded.append(ckpt_dir.name)
                 return  # already published (catch_up after a kill between marker and log)
             # Another checkpoint of the same name (a resumed run redoing this step): it must
             # stop counting before its files are replaced.
@@ -248,7 +247,6 @@ class CheckpointPublisher:
                                    f"upload; uploading the checkpoint again")
         target.write_bytes(checkpoint.MARKER, marker)
         record.sent += len(marker)
-        self.uploaded.append(ckpt_dir.name)
 
 
 def _lower_priority(nice: int) -> None:

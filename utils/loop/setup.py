@@ -1,39 +1,28 @@
-"""What both training loops (train.py on torch, mlx_train.py on MLX) do around the step.
+"""What the loop does around the steps: data sync, the bucket, resume, upload waits.
 
-Data sync, the checkpoint bucket, choosing the checkpoint to resume from and checking it fits
-this run, copying the tokenizer into checkpoints, and the per-step decisions (log, save, stop,
-loss sanity): written once so the two backends cannot drift apart.
+Written once for both engines; each step that involves several processes goes through the
+engine's collectives (main process decides, the others follow).
 """
 
 from __future__ import annotations
 
-import math
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from configs.training_config import TrainingConfig
 from utils import checkpoint
-from utils.checkpoint import CheckpointError, TrainState
-from utils.storage import StorageError
-
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model"}
-
-
-class TrainingError(RuntimeError):
-    """Stops the run with one readable line (NaN loss, bad resume target, ...)."""
+from utils.checkpoint import TrainState
+from utils.errors import CheckpointError, StorageError, TrainingError
+from utils.processes import Processes
+from utils.storage import open_store
 
 
-class Processes(Protocol):
-    """The part of accelerate's Accelerator these helpers use (MLX: utils.mlx_dist)."""
+class Collectives(Processes, Protocol):
+    """Processes that can also send the main process's small values to every rank."""
 
-    is_main_process: bool
-    is_local_main_process: bool
-
-    def wait_for_everyone(self) -> None: ...
+    def broadcast_object(self, values: list) -> list: ...
 
 
 def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
@@ -57,20 +46,18 @@ def open_checkpoint_store(config: TrainingConfig, processes: Processes):
     """The bucket for checkpoints, checked for write access now rather than after hours."""
     if not config.bucket:
         return None
-    from utils.storage import open_store
-
     store = open_store(config.bucket, credentials=config.credentials or None)
     if processes.is_main_process:
         store.check_access(write=True)  # also creates the embedded local bucket directory
     return store
 
 
-def resolve_resume(config: TrainingConfig, processes: Processes, local_root: Path, store,
-                   broadcast: Callable[[list], list] | None = None) -> Path | None:
+def resolve_resume(config: TrainingConfig, engine: Collectives, local_root: Path,
+                   store) -> Path | None:
     """The checkpoint to resume from: the newest good one (local or bucket) or a named one.
 
     The global main process chooses (checksums verified, downloaded if only the bucket has
-    it) and tells the others (``broadcast``: torch.distributed's by default); every other
+    it) and tells the others (the engine's broadcast); every other
     node's local main then makes sure it holds a verified copy, so all ranks load the same
     checkpoint.
     """
@@ -78,28 +65,19 @@ def resolve_resume(config: TrainingConfig, processes: Processes, local_root: Pat
         return None
     prefix = f"checkpoints/{config.run_name}"
     choice: list[str | None] = [None, None]  # [checkpoint name, error]
-    if processes.is_main_process:
+    if engine.is_main_process:
         try:
             path = checkpoint.choose_resume(config.resume, local_root, store, prefix)
             choice[0] = path.name if path else None
         except (CheckpointError, StorageError) as err:
             choice[1] = str(err)
-    name, error = (broadcast or _torch_broadcast)(choice)
+    name, error = engine.broadcast_object(choice)
     if error:
         raise TrainingError(error)
-    if name and processes.is_local_main_process and not processes.is_main_process:
+    if name and engine.is_local_main_process and not engine.is_main_process:
         checkpoint.fetch(name, local_root, store, prefix)
-    processes.wait_for_everyone()
+    engine.wait_for_everyone()
     return local_root / name if name else None
-
-
-def _torch_broadcast(values: list) -> list:
-    """The main process's ``values`` on every rank (as is when torch runs one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(values, src=0)
-    return values
 
 
 def continue_from(state: TrainState, saved: TrainState, source: Path, say) -> None:
@@ -115,40 +93,6 @@ def continue_from(state: TrainState, saved: TrainState, source: Path, say) -> No
             f"{state.global_batch_windows} windows); data order kept by window offset")
     state.step, state.tokens_seen, state.position = saved.step, saved.tokens_seen, saved.position
     say(f"resumed from {source} at step {state.step}")
-
-
-def tokenizer_dir(meta: dict, data_dir: Path) -> Path | None:
-    """The data's tokenizer folder (dataset.json names it relative to the cwd or the data)."""
-    name = meta.get("tokenizer")
-    if not name:
-        return None
-    for candidate in (Path(name), data_dir / name):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
-
-
-def copy_tokenizer(source: Path | None, checkpoint_dir: Path) -> None:
-    """A checkpoint is a whole HF folder: model + tokenizer (before its marker is written)."""
-    if source is None:
-        return
-    for file in source.iterdir():
-        if file.name in TOKENIZER_FILES:
-            shutil.copy2(file, checkpoint_dir / file.name)
-
-
-def due(step: int, every: int, max_steps: int) -> bool:
-    """Logging/saving cadence: every ``every`` steps and at the last step."""
-    return step % every == 0 or step == max_steps
-
-
-def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
-    """A NaN/inf loss stops the run before anything is saved from it."""
-    if not math.isfinite(mean_loss):
-        raise TrainingError(
-            f"loss became {mean_loss} at step {step}: stopping without saving (lower "
-            f"--learning-rate, or check the data); the last complete checkpoint is still in "
-            f"{ckpt_root}")
 
 
 @contextmanager
@@ -169,8 +113,3 @@ def finish_uploads(publisher, config: TrainingConfig, stopped_early: bool) -> bo
     """Wait for the uploads: bounded after a preemption, up to an hour at a normal end."""
     return publisher.close(timeout=config.upload_timeout_s if stopped_early
                            else config.final_upload_timeout_s)
-
-
-def flat_hparams(config: dict) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}

@@ -26,22 +26,16 @@ from mlx_lm.models.gpt_neox import Model
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from utils.checkpoint import CheckpointError
-from utils.finetune import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    adapter_base,
-    check_base,
-    publish_dir,
-    resolve_tokenizer,
-)
-from utils.mlx_model import hf_name, load_pretrained, save_weights
-from utils.run_setup import copy_tokenizer
+from utils.checkpoint.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from utils.errors import CheckpointError
+from utils.fs import publish_dir, tmp_dir_for
+from utils.loop.setup import copy_tokenizer
+from utils.mlx_engine.model import hf_name, load_pretrained, save_weights
+from utils.stages.base import adapter_base, check_base, resolve_tokenizer
 
-# peft's target names for GPT-NeoX (utils.finetune.LORA_TARGETS) -> mlx-lm's paths in a block.
+# peft's target names for GPT-NeoX (configs.model_config.LORA_TARGETS) -> mlx-lm's paths.
 MLX_KEYS = {"query_key_value": "attention.query_key_value", "dense": "attention.dense",
             "dense_h_to_4h": "mlp.dense_h_to_4h", "dense_4h_to_h": "mlp.dense_4h_to_h"}
-QUANT_BITS = (4, 8)
 GROUP_SIZE = 64
 _PEFT_PREFIX = "base_model.model."
 _PEFT_SUFFIX = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
@@ -186,7 +180,7 @@ def merge_adapter(ckpt_dir: Path, out_dir: Path) -> Path:
     error in the base. Written under a hidden name and renamed into place.
     """
     model, hf_config = load_base(ckpt_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    tmp = tmp_dir_for(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)  # our own write, cut short
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -13,14 +13,16 @@ newest checkpoint (``--resume latest`` per stage: exact, mid-stage included).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from configs.training_config import TrainingConfig
 from utils import checkpoint
-from utils.data_utils import DataError
+from utils.errors import DataError
+from utils.fs import atomic_write
+from utils.processes import Processes
+from utils.stages.base import resolve_base
 
 STATE_FILE = "curriculum.json"
 STAGES = ("sft", "dpo")
@@ -57,6 +59,10 @@ def plan(topics_dir: Path) -> list[Stage]:
     return stages
 
 
+def _quiet(*_: object) -> None:
+    """Ranks other than the main one print nothing."""
+
+
 def read_state(path: Path) -> dict:
     if not path.exists():
         return {"base": None, "finished": []}
@@ -73,12 +79,7 @@ def read_state(path: Path) -> dict:
 def write_state(path: Path, state: dict) -> None:
     """Atomic replace: a crash leaves the old or the new record, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write(path, json.dumps(state, indent=1))
 
 
 def stage_config(config: TrainingConfig, stage: Stage, init_from: str) -> TrainingConfig:
@@ -90,23 +91,16 @@ def stage_config(config: TrainingConfig, stage: Stage, init_from: str) -> Traini
                    sync_data=False)
 
 
-def run_curriculum(config: TrainingConfig,
-                   train: Callable[[TrainingConfig], dict],
-                   log: Callable[[str], None] = print) -> dict:
+def run_curriculum(config: TrainingConfig, train: Callable[[TrainingConfig], dict],
+                   processes: Processes, merge: Callable[[Path, Path], Path]) -> dict:
     """Run (or continue) every stage; returns {"stages": [...], "model": final merged path}.
 
-    ``train`` is train.py's ``train(config) -> summary``. A stage stopped early (preemption)
-    ends the curriculum without recording it, so the next run continues it.
+    ``train`` is the shared loop's ``train(config) -> summary``, ``merge(checkpoint, out)``
+    the engine's adapter merge; only the main process merges and writes the record. A stage
+    stopped early (preemption) ends the curriculum without recording it, so the next run
+    continues it.
     """
-    from accelerate import PartialState
-
-    from utils.finetune import resolve_base
-
-    if config.backend == "mlx":
-        from utils.mlx_lora import merge_adapter
-    else:
-        from utils.finetune import merge_adapter
-
+    log = print if processes.is_main_process else _quiet
     stages = plan(Path(config.topics))
     out = Path(config.effective_output_dir)
     state_path = out / STATE_FILE
@@ -117,10 +111,9 @@ def run_curriculum(config: TrainingConfig,
         raise DataError(f"{state_path} records finished stages {', '.join(done)} but --topics "
                         f"{config.topics} now plans {', '.join(planned)}; restore the topics "
                         f"(new ones may only be added at the end) or use a new --output-dir")
-    process = PartialState()
     if state["base"] is None:  # resolved once, so `latest` cannot move under a resumed run
-        state["base"] = str(resolve_base(replace(config, stage="sft")))
-        if process.is_main_process:
+        state["base"] = str(resolve_base(replace(config, stage="sft"), processes))
+        if processes.is_main_process:
             write_state(state_path, state)
     model = state["finished"][-1]["model"] if state["finished"] else state["base"]
     summaries = []
@@ -133,13 +126,13 @@ def run_curriculum(config: TrainingConfig,
             log(f"curriculum: stopped during {stage.key}; run again to continue it")
             return {"stages": summaries, "model": None, "stopped_early": True}
         merged = Path(stage_cfg.effective_output_dir) / "merged"
-        if process.is_main_process:
+        if processes.is_main_process:
             final = checkpoint.find_complete(Path(stage_cfg.effective_output_dir) / "checkpoints")
-            merge_adapter(final[-1], merged)
+            merge(final[-1], merged)
             state["finished"].append({"stage": stage.key, "model": str(merged),
                                       "checkpoint": final[-1].name})
             write_state(state_path, state)
-        process.wait_for_everyone()
+        processes.wait_for_everyone()
         model = str(merged)
     if summaries:
         log(f"curriculum: all {len(stages)} stages finished; final model {model}")

@@ -19,7 +19,7 @@ _BROADCAST_BYTES = 4096  # resume choices and error lines are far shorter
 
 
 class MlxProcesses:
-    """``is_main_process``/``wait_for_everyone`` (run_setup's Processes) plus the collectives."""
+    """The ranks as ``utils.processes.Processes``, plus the collectives the engine needs."""
 
     def __init__(self) -> None:
         self.group = mx.distributed.init()  # a group of one when not launched
@@ -34,15 +34,11 @@ class MlxProcesses:
         if self.num_processes > 1:
             mx.eval(self._sum(mx.array(1.0)))
 
-    def mean(self, value: float) -> float:
-        """The mean of a float over all ranks (losses, metrics)."""
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks (losses, metrics, flags), in fp32."""
         if self.num_processes == 1:
-            return value
-        return self._sum(mx.array(value, mx.float32)).item() / self.num_processes
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (a signal may reach one rank only)."""
-        return self.mean(float(flag)) > 0 if self.num_processes > 1 else flag
+            return values
+        return self._sum(mx.array(values, mx.float32)).tolist()
 
     def average_gradients(self, grads: dict) -> dict:
         return grads if self.num_processes == 1 else nn.average_gradients(grads,

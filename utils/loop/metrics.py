@@ -1,4 +1,4 @@
-"""Throughput, MFU, memory and ETA, written to TensorBoard and ``metrics.jsonl``."""
+"""Throughput, MFU and ETA, the metrics file and the end-of-run summary (framework-neutral)."""
 
 from __future__ import annotations
 
@@ -6,38 +6,7 @@ import json
 import time
 from pathlib import Path
 
-import psutil
-import torch
-
-# Dense bf16 tensor-core peaks (FLOP/s) by GPU name substring; first match wins,
-# so more specific names come first.
-GPU_PEAK_BF16: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16: V100 has no bf16
-    ("T4", 65e12),     # fp16
-)
-
-
-def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
-    """The device's dense peak in FLOP/s, or None where it is not known (MFU is then omitted)."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_BF16 if key in name), None)
+from utils.fs import atomic_write
 
 
 def flops_per_token(non_embedding_params: int, num_layers: int, hidden: int, seq_len: int,
@@ -48,13 +17,6 @@ def flops_per_token(non_embedding_params: int, num_layers: int, hidden: int, seq
     """
     n = non_embedding_params + output_embedding_params
     return 6.0 * n + 12.0 * num_layers * hidden * seq_len
-
-
-def memory_gib(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's resident set on other devices."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return psutil.Process().memory_info().rss / 2**30
 
 
 def format_eta(seconds: float) -> str:
@@ -117,9 +79,7 @@ class MetricsWriter:
                     kept.append(line)
             except ValueError:
                 continue  # torn by a kill mid-write, or blank
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

@@ -1,0 +1,93 @@
+"""What the shared loop asks of a backend: one small, typed surface per engine.
+
+``utils/torch_engine`` (accelerate: one GPU, DDP, FSDP, multi-node) and ``utils/mlx_engine``
+(MLX, ``mlx.launch`` ranks) implement it; ``utils/loop/trainer.py`` drives either one. The
+loop never sees a tensor: batches go in as the stage's numpy arrays (or the engine's own
+loader's output), numbers come back as Python floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from configs.training_config import TrainingConfig
+from utils.checkpoint import TrainState
+from utils.data_utils import WindowBatchSampler
+from utils.loop.setup import Collectives
+from utils.stages.task import Batch, Task
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the banner, the FLOP count and MFU need to know about the model being trained."""
+
+    total_params: int           # the base model's, before LoRA or quantization
+    non_embedding_params: int
+    trainable_params: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    peak_flops: float | None    # per device, dense bf16; None: MFU is not reported
+    description: str            # engine, device, precision, compile: one banner fragment
+
+
+class Engine(Collectives, Protocol):
+    """A backend: its processes and collectives, the model and optimizer, checkpoint I/O."""
+
+    where: str  # the summary's "on what": device and process count
+    accelerated: bool  # a GPU (CUDA, Apple) rather than the CPU
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all processes (the values themselves for one process)."""
+        ...
+
+    def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
+        """Seed, build the stage's model and optimizer (LoRA on its base when fine-tuning).
+
+        Called once per stage (a curriculum runs several on one engine) with that stage's
+        config; the engine's own construction covers only what its processes share."""
+        ...
+
+    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Any]:
+        """This rank's micro-batches in sampler order; ``sampler.position`` follows them."""
+        ...
+
+    def train_step(self, micro_batches: list[Any], step: int) -> None:
+        """One optimizer step (0-based ``step``) over one step's micro-batches, accumulated."""
+        ...
+
+    def read_interval(self) -> tuple[dict[str, float], float]:
+        """(loss and stage metrics summed over the steps since ``reset_interval``, averaged over
+        processes; the last step's gradient norm). Collective: every process calls it."""
+        ...
+
+    def reset_interval(self) -> None: ...
+
+    def evaluating(self) -> AbstractContextManager[None]:
+        """Eval mode (no dropout, no gradients) for the block."""
+        ...
+
+    def eval_loss(self, batch: Batch) -> float: ...
+
+    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
+        """Write a checkpoint folder without its marker (the publisher writes that); returns its
+        path on every process. Collective."""
+        ...
+
+    def load(self, ckpt_dir: Path) -> TrainState:
+        """Restore weights, optimizer and RNG states from a verified checkpoint."""
+        ...
+
+    def memory_gib(self) -> float: ...
+
+    def merge(self, ckpt_dir: Path, out_dir: Path) -> Path:
+        """A LoRA checkpoint merged onto its base as a plain Hugging Face folder."""
+        ...
+
+    def finish(self) -> None:
+        """End of a run (trackers, process groups stay up for the next curriculum stage)."""
+        ...

@@ -1,0 +1,158 @@
+"""``--validate``: one line per check, pass/fail and why, before spending GPU hours.
+
+The checks run what the real run will use: the stage's data (shards, or SFT/DPO JSONL and
+its base model), the chosen backend's engine, its model, forward pass, training step and
+checkpoint round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from configs.model_config import count_parameters, hf_config_for
+from configs.training_config import TrainingConfig
+from utils.checkpoint import TrainState, write_manifest
+from utils.data_utils import read_dataset_meta
+from utils.loop.engine import Engine
+from utils.stages.task import build_task
+from utils.storage import open_store
+
+# On the CPU, skip the forward/step checks for models this large (they would take minutes).
+CPU_STEP_LIMIT_PARAMS = 300_000_000
+
+
+class Skip(Exception):
+    """A check that does not apply to this config (printed as 'skip', not a failure)."""
+
+
+def run_preflight(config: TrainingConfig, engine: Engine) -> int:
+    """Run every check, print a line each, return 0 when none failed."""
+    ctx: dict = {"config": config, "engine": engine}
+    checks: list[tuple[str, Callable[[dict], str]]] = [
+        ("config valid", lambda c: f"stage {config.stage}, model {config.model}, seq_len "
+                                   f"{config.seq_len}, backend {config.backend}"),
+        ("bucket reachable and writable", _check_bucket),
+        ("data present and readable", _check_data),
+        ("model builds", _check_model),
+        ("forward pass", _check_forward),
+        ("one training step", _check_step),
+        ("checkpoint save/load round trip", _check_checkpoint),
+        ("log directory writable", _check_logdir),
+    ]
+    failed = 0
+    for name, check in checks:
+        start = time.perf_counter()
+        try:
+            detail, status = check(ctx), "PASS"
+        except Skip as skip:
+            detail, status = str(skip), "skip"
+        except Exception as err:  # noqa: BLE001 - every failure is reported, none is fatal here
+            detail, status = f"{type(err).__name__}: {err}".splitlines()[0], "FAIL"
+            failed += 1
+        print(f"[{status}] {name:<34} {detail} ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"preflight: {len(checks) - failed} of {len(checks)} checks passed" if not failed
+          else f"preflight: {failed} check(s) FAILED")
+    return 1 if failed else 0
+
+
+def _check_bucket(ctx: dict) -> str:
+    config = ctx["config"]
+    if not config.bucket:
+        raise Skip("no bucket configured: checkpoints stay local")
+    store = open_store(config.bucket, credentials=config.credentials or None)
+    store.check_access(write=True)
+    ctx["store"] = store
+    return f"{store.url} is readable and writable"
+
+
+def _check_data(ctx: dict) -> str:
+    config = ctx["config"]
+    if config.stage == "pretrain" and config.sync_data and not Path(config.data_dir).is_dir():
+        listing = ctx["store"].child(config.data_prefix).list() if "store" in ctx else []
+        if not listing:
+            raise RuntimeError(f"no data under {config.bucket}/{config.data_prefix}")
+        return f"{len(listing)} files in the bucket (not synced yet)"
+    task = ctx["task"] = build_task(config, ctx["engine"])
+    task.examples[int(task.train_idx[-1])]  # reads a late example: catches truncation
+    if task.base_path is not None:
+        return (f"{task.num_files} file(s), {len(task.train_idx):,} training examples, "
+                f"{len(task.eval_idx)} held out; base {task.base_path}")
+    windows = task.examples
+    return f"{task.num_files} shards, {windows.num_tokens:,} tokens, {len(windows):,} windows"
+
+
+def _check_model(ctx: dict) -> str:
+    config, engine = ctx["config"], ctx["engine"]
+    if config.stage == "pretrain":
+        total, _ = count_parameters(hf_config_for(config.model,
+                                                  read_dataset_meta(Path(config.data_dir))))
+        if total > CPU_STEP_LIMIT_PARAMS and not engine.accelerated:
+            raise Skip(f"{total / 1e9:.1f}B parameters on the CPU: run on a GPU")
+    if "task" not in ctx:
+        raise Skip("needs local data")
+    info = ctx["info"] = engine.setup(ctx["task"], config)
+    return (f"{info.total_params:,} parameters ({info.non_embedding_params:,} without "
+            f"embeddings, {info.trainable_params:,} trainable); {info.description}")
+
+
+def _batch(ctx: dict) -> dict:
+    if "info" not in ctx:
+        raise Skip("needs the model")
+    task = ctx["task"]
+    return task.collate([task.examples[int(i)] for i in task.train_idx[:2]])
+
+
+def _eval_loss(ctx: dict) -> float:
+    engine = ctx["engine"]
+    with engine.evaluating():
+        loss = engine.eval_loss(_batch(ctx))
+    if not math.isfinite(loss):
+        raise RuntimeError(f"loss is {loss}")
+    return loss
+
+
+def _check_forward(ctx: dict) -> str:
+    return f"loss {_eval_loss(ctx):.3f} ({ctx['engine'].where})"
+
+
+def _check_step(ctx: dict) -> str:
+    engine = ctx["engine"]
+    engine.train_step([_batch(ctx)], 0)
+    sums, grad_norm = engine.read_interval()
+    if not math.isfinite(sums["loss"]):
+        raise RuntimeError(f"loss is {sums['loss']}")
+    ctx["stepped"] = True
+    return f"loss {sums['loss']:.3f}, gradient norm {grad_norm:.3f}, finite"
+
+
+def _check_checkpoint(ctx: dict) -> str:
+    """Save, take one more step (the weights move), load: the loss must be the saved one's."""
+    engine = ctx["engine"]
+    if "stepped" not in ctx:
+        raise Skip("needs the training step")
+    before = _eval_loss(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = engine.save(TrainState(step=1), {}, Path(tmp))
+        write_manifest(path)
+        engine.train_step([_batch(ctx)], 1)
+        moved = _eval_loss(ctx)
+        engine.load(path)
+        after = _eval_loss(ctx)
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    if after != before:
+        raise RuntimeError(f"loss {after} after reloading, {before} when saved")
+    return (f"{size:.1f} MiB written; loss {before:.4f} at save, {moved:.4f} a step later, "
+            f"{after:.4f} after reload")
+
+
+def _check_logdir(ctx: dict) -> str:
+    logs = Path(ctx["config"].effective_output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    probe = logs / ".preflight"
+    probe.write_text("ok")
+    probe.unlink()
+    return f"{logs}"

@@ -1,0 +1,32 @@
+"""The command line's contract around a run: one engine, one stage or a curriculum, one-line
+errors (``error: ...`` on stderr, exit status 1) instead of tracebacks."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import partial
+
+from configs.training_config import TrainingConfig
+from utils.errors import HarnessError
+from utils.loop.engine import Engine
+from utils.loop.preflight import run_preflight
+from utils.loop.trainer import train
+from utils.stages.curriculum import run_curriculum
+
+
+def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
+        validate: bool = False) -> int:
+    """Train (or ``--validate``) with the engine ``make_engine`` builds; the exit status."""
+    try:
+        engine = make_engine(config)
+        if validate:
+            return run_preflight(config, engine)
+        if config.topics:
+            run_curriculum(config, partial(train, engine=engine), engine, engine.merge)
+        else:
+            train(config, engine)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,262 @@
+"""The training loop, written once: accumulation, logging, eval, saving, preemption, summary.
+
+``Trainer(config, engine).run()`` pretrains or fine-tunes with whichever engine it is given;
+the engine owns tensors and processes, the loop owns the step: when to log, evaluate, save,
+stop, and what the run reports. Checkpoints are uploaded by a background publisher and
+counted only once their marker is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from configs.training_config import TrainingConfig
+from utils.checkpoint import TrainState, find_complete
+from utils.checkpoint.publisher import CheckpointPublisher
+from utils.data_utils import WindowBatchSampler
+from utils.errors import TrainingError
+from utils.loop.engine import Engine, ModelInfo
+from utils.loop.metrics import (
+    MetricsWriter,
+    ThroughputMeter,
+    flops_per_token,
+    format_eta,
+    run_summary,
+)
+from utils.loop.schedule import lr_factor
+from utils.loop.setup import (
+    continue_from,
+    finish_uploads,
+    open_checkpoint_store,
+    resolve_resume,
+    sync_training_data,
+    uploads_survive_an_abort,
+)
+from utils.loop.signals import PreemptionHandler
+from utils.loop.tracker import TensorBoard
+from utils.stages.base import copy_tokenizer, tokenizer_dir
+from utils.stages.task import Task, build_task
+
+
+def due(step: int, every: int, max_steps: int) -> bool:
+    """Logging/saving cadence: every ``every`` steps and at the last step."""
+    return step % every == 0 or step == max_steps
+
+
+def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
+    """A NaN/inf loss stops the run before anything is saved from it."""
+    if not math.isfinite(mean_loss):
+        raise TrainingError(
+            f"loss became {mean_loss} at step {step}: stopping without saving (lower "
+            f"--learning-rate, or check the data); the last complete checkpoint is still in "
+            f"{ckpt_root}")
+
+
+def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
+    """Mean loss over the held-out examples, each process scoring its share."""
+    mine = task.eval_idx[engine.process_index::engine.num_processes]
+    total = count = 0.0
+    with engine.evaluating():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            loss = engine.eval_loss(task.collate([task.examples[i] for i in chunk]))
+            total += loss * len(chunk)
+            count += len(chunk)
+    total, count = engine.all_sum([total, count])
+    return total / max(count, 1.0)
+
+
+def _quiet(*_: object, **__: object) -> None:
+    """Processes other than the main one print nothing."""
+
+
+class Trainer:
+    """One run of one stage: built from a config and an engine, then ``run()``."""
+
+    def __init__(self, config: TrainingConfig, engine: Engine) -> None:
+        self.config, self.engine = config, engine
+        self.main = engine.is_main_process
+        self.say = print if self.main else _quiet
+        self.output_dir = Path(config.effective_output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+
+        # Data and model for this stage (pretraining windows, or SFT/DPO examples on a LoRA
+        # model), after syncing the data from the bucket (skip-existing).
+        sync_training_data(config, engine)
+        self.task = build_task(config, engine)
+        self.info = engine.setup(self.task, config)
+        self.store = open_checkpoint_store(config, engine)
+        self.state = self._resume()
+        self.sampler = WindowBatchSampler(
+            self.task.train_idx, config.per_device_train_batch_size, engine.process_index,
+            engine.num_processes, config.seed, self.state.position, self.task.lengths)
+        self.batches = engine.batches(self.task, self.sampler)
+        self.meter = self._meter(self.info)
+        self._banner()
+
+        # Logging, checkpoints and uploads happen on the global main process only.
+        self.metrics = self.tensorboard = None
+        if self.main:
+            self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl",
+                                         start_step=self.state.step)
+            self.tensorboard = TensorBoard(self.output_dir / "logs" / config.run_name,
+                                           asdict(config))
+        self.publisher = CheckpointPublisher(
+            self.store if self.main else None, f"checkpoints/{config.run_name}",
+            background=config.background_upload and self.main,
+            keep_local=config.save_total_limit, remote_keep=config.remote_keep,
+            exit_timeout_s=config.upload_timeout_s, log=self.say)
+        if self.main:
+            self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
+        self.preemption = PreemptionHandler()
+        self.tokenizer = tokenizer_dir(self.task.meta, Path(config.data_dir))
+        self.interval_steps = 0
+        self.last_loss = self.eval_loss = float("nan")
+        self.saved: list[Path] = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def _resume(self) -> TrainState:
+        config, engine, task = self.config, self.engine, self.task
+        resume_from = resolve_resume(config, engine, self.ckpt_root, self.store)
+        state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx),
+                           world_size=engine.num_processes,
+                           global_batch_windows=config.per_device_train_batch_size
+                           * engine.num_processes)
+        if resume_from is not None:
+            continue_from(state, self.engine.load(resume_from), resume_from, self.say)
+        elif config.resume:
+            self.say("no complete checkpoint found: starting from scratch")
+        return state
+
+    def _meter(self, info: ModelInfo) -> ThroughputMeter:
+        flops = flops_per_token(info.non_embedding_params, info.num_layers, info.hidden_size,
+                                self.config.seq_len,
+                                output_embedding_params=info.vocab_size * info.hidden_size)
+        return ThroughputMeter(flops, info.peak_flops, self.engine.num_processes)
+
+    def _banner(self) -> None:
+        config, info, task, state = self.config, self.info, self.task, self.state
+        sequences = state.global_batch_windows * config.gradient_accumulation_steps
+        self.say(f"model {config.model}: {info.total_params:,} parameters "
+                 f"({info.non_embedding_params:,} without embeddings, "
+                 f"{info.trainable_params:,} trainable), vocab {info.vocab_size}, stage "
+                 f"{config.stage}; {info.description}")
+        self.say(f"batch: {config.per_device_train_batch_size} per device x "
+                 f"{config.gradient_accumulation_steps} accumulation x "
+                 f"{self.engine.num_processes} processes = {sequences} sequences "
+                 f"({sequences * config.seq_len:,} tokens) per optimizer step; "
+                 f"{task.num_files} files, {len(task.train_idx):,} training examples, "
+                 f"{len(task.eval_idx)} held out")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        """Train to ``max_steps`` (or a preemption); returns the run's summary."""
+        config, state = self.config, self.state
+        start_step, start_tokens, started = state.step, state.tokens_seen, time.perf_counter()
+        bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
+                   disable=not self.main, dynamic_ncols=True)
+        stopped_early = False
+        self.meter.reset()
+        with uploads_survive_an_abort(self.publisher, bar, config, self.say):
+            while state.step < config.max_steps and not stopped_early:
+                self._step()
+                bar.update(1)
+                stopped_early = self._after_step(bar)
+        elapsed = time.perf_counter() - started
+        return self._finish(start_step, start_tokens, elapsed, stopped_early)
+
+    def _step(self) -> None:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        micro = [next(self.batches) for _ in range(self.config.gradient_accumulation_steps)]
+        tokens = sum(self.task.count_tokens(b) for b in micro) * self.engine.num_processes
+        self.engine.train_step(micro, self.state.step)
+        self.state.step += 1
+        self.state.tokens_seen += tokens
+        self.state.position = self.sampler.position
+        self.interval_steps += 1
+        self.meter.add(tokens)
+
+    def _after_step(self, bar: tqdm) -> bool:
+        """Log, evaluate, save as due; True when the run must stop (preemption)."""
+        config, step = self.config, self.state.step
+        log_now = due(step, config.logging_steps, config.max_steps)
+        save_now = due(step, config.save_steps, config.max_steps)
+        stop_now = self.engine.all_sum([float(self.preemption.requested)])[0] > 0
+        if log_now or save_now or stop_now:
+            sums, grad_norm = self.engine.read_interval()
+            check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
+        if log_now:
+            self._log(sums, grad_norm, bar)
+        if save_now or stop_now:
+            self.saved.append(self._save())
+            self.meter.reset()
+        if stop_now:
+            self.say(f"stopping at step {step} on request; checkpoint {self.saved[-1].name}")
+        return stop_now
+
+    def _log(self, sums: dict[str, float], grad_norm: float, bar: tqdm) -> None:
+        config, state, steps = self.config, self.state, self.interval_steps
+        means = {key: value / steps for key, value in sums.items()}
+        self.last_loss = means["loss"]
+        # The LR of the next step (as torch's scheduler.get_last_lr() reports it).
+        lr = config.learning_rate * lr_factor(state.step, config.warmup_steps, config.max_steps,
+                                              config.min_lr_ratio)
+        record = {"step": state.step, "loss": means.pop("loss"), "lr": lr,
+                  "grad_norm": grad_norm, "epoch": state.position.epoch,
+                  "tokens_seen": state.tokens_seen, **self.meter.read(),
+                  "memory_gib": self.engine.memory_gib(), **means}
+        record["step_time_s"] /= steps
+        record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
+        if due(state.step, config.eval_steps, config.max_steps):
+            self.eval_loss = record["eval_loss"] = evaluate(
+                self.engine, self.task, config.per_device_train_batch_size)
+        if self.main:
+            self.metrics.write(record)
+            self.tensorboard.log(record, state.step)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        eta=format_eta(record["eta_s"]))
+        self.engine.reset_interval()
+        self.interval_steps = 0
+        self.meter.reset()  # eval time is not training throughput
+
+    def _save(self) -> Path:
+        path = self.engine.save(self.state, asdict(self.config), self.ckpt_root)
+        if self.main:
+            copy_tokenizer(self.tokenizer, path)
+            self.publisher.submit(path)  # the marker is written after this, covering the copies
+        return path
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, start_step: int, start_tokens: int, elapsed: float,
+                stopped_early: bool) -> dict:
+        config = self.config
+        uploads_done = finish_uploads(self.publisher, config, stopped_early)
+        if self.main:
+            self.tensorboard.close()
+        if config.merge and config.stage != "pretrain" and not stopped_early:
+            if self.main:  # from the final checkpoint, complete by now
+                merged = self.engine.merge(find_complete(self.ckpt_root)[-1],
+                                           self.output_dir / "merged")
+                self.say(f"merged model (base + adapters) written to {merged}")
+            self.engine.wait_for_everyone()
+        self.engine.finish()
+        summary, table = run_summary(
+            config=config, state=self.state, start_step=start_step, start_tokens=start_tokens,
+            elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
+            saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
+            where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store)
+        self.say(table)
+        return summary
+
+
+def train(config: TrainingConfig, engine: Engine) -> dict:
+    """Run one stage with ``engine``; returns the end-of-run summary."""
+    return Trainer(config, engine).run()

@@ -1,0 +1,220 @@
+"""The MLX engine: mlx-lm's GPT-NeoX (or LoRA on it), fp32 master weights, compiled steps.
+
+The same configs, data, schedule and checkpoint folders as the torch engine; data parallel
+over ``mlx.launch`` ranks on one machine (``dist.py``). Trainable parameters are an explicit
+fp32 tree: the model runs on a cast of them (bf16 compute), so rounding never reaches the
+weights the optimizer updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from configs.model_config import count_parameters, hf_config_for
+from configs.training_config import TrainingConfig
+from utils.checkpoint import TrainState, checkpoint_name
+from utils.data_utils import WindowBatchSampler
+from utils.errors import TrainingError
+from utils.loop.engine import ModelInfo
+from utils.loop.schedule import lr_factor
+from utils.mlx_engine import checkpoint_io, lora
+from utils.mlx_engine.dist import MlxProcesses
+from utils.mlx_engine.losses import stage_loss, to_mx
+from utils.mlx_engine.model import build_model, build_optimizer, load_full_weights, save_pretrained
+from utils.stages.task import Batch, Task
+
+DTYPES = {"no": mx.float32, "bf16": mx.bfloat16}
+
+
+def compute_dtype(config: TrainingConfig) -> mx.Dtype:
+    """fp32, or bf16 compute over fp32 master weights; fp16 would need a loss scaler."""
+    if config.mixed_precision not in DTYPES:
+        raise TrainingError(f"--mixed-precision {config.mixed_precision} is not supported by "
+                            "the MLX backend (no loss scaler); use bf16 or no")
+    return DTYPES[config.mixed_precision]
+
+
+def cast(params: dict, dtype: mx.Dtype) -> dict:
+    return params if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), params)
+
+
+@dataclass
+class _Built:
+    """A stage's model and how its checkpoint weights are written and read."""
+
+    model: nn.Module
+    hf_config: dict
+    write_weights: Callable[[dict, Path], None]  # (trainable fp32 params, checkpoint folder)
+    read_weights: Callable[[Path], None]         # a checkpoint's weights into the model
+
+
+def _pretrain_model(config: TrainingConfig, task: Task) -> _Built:
+    hf_config = hf_config_for(config.model, task.meta)
+    model = build_model(hf_config.to_dict(), config.seed)
+    return _Built(model, hf_config.to_dict(),
+                  lambda params, folder: save_pretrained(params, hf_config, folder),
+                  partial(load_full_weights, model))
+
+
+def _lora_model(config: TrainingConfig, task: Task, dtype: mx.Dtype) -> _Built:
+    """A frozen (optionally 4/8-bit) base with LoRA adapters, as peft does on torch."""
+    model, hf_config = lora.load_base(task.base_path)
+    task.check_vocab(model.args.vocab_size)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)  # the frozen base computes in dtype; adapters stay fp32
+    if config.quantize_bits:
+        lora.quantize_base(model, config.quantize_bits)
+    mx.random.seed(config.seed)  # the adapters' initialisation
+    lora.apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                    config.lora_targets)
+    return _Built(model, hf_config,
+                  partial(lora.save_adapter, r=config.lora_r, alpha=config.lora_alpha,
+                          dropout=config.lora_dropout, targets=config.lora_targets,
+                          base=task.base_path),
+                  partial(lora.load_adapter, model))
+
+
+class MlxEngine(MlxProcesses):
+    """``utils.loop.engine.Engine`` over MLX (the ranks come from ``MlxProcesses``)."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = compute_dtype(config)
+        self.where = f"mlx on {mx.default_device()} x {self.num_processes} process(es)"
+        self.accelerated = mx.default_device() == mx.gpu
+
+    def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
+        self.config = config
+        np.random.seed(config.seed)
+        built = (_pretrain_model(config, task) if task.base_path is None
+                 else _lora_model(config, task, self.dtype))
+        self.model, self.built = built.model, built
+        self.model.train()
+        self.params = self.model.trainable_parameters()
+        self.optimizer = build_optimizer(config.learning_rate, config.weight_decay,
+                                         (config.adam_beta1, config.adam_beta2),
+                                         config.adam_epsilon)
+        self.optimizer.init(self.params)  # the LR is set by hand each step
+        self.loss = stage_loss(task.stage, config.dpo_beta)
+        self._step_fns: tuple[Callable, Callable] | None = None  # after a resume: see _fns
+        self.reset_interval()
+        total, non_embedding = count_parameters(built.hf_config)
+        args = self.model.args
+        bits = f", {config.quantize_bits}-bit base" if config.quantize_bits else ""
+        return ModelInfo(
+            total, non_embedding, sum(p.size for _, p in tree_flatten(self.params)),
+            args.num_hidden_layers, args.hidden_size, args.vocab_size,
+            config.peak_tflops * 1e12 or None,
+            f"mlx on {mx.default_device()}, mixed precision {config.mixed_precision}, "
+            f"compile {config.compile}{bits}")
+
+    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Batch]:
+        for indices in sampler:
+            yield task.collate([task.examples[i] for i in indices])
+
+    # ------------------------------------------------------------------ steps
+
+    def _fns(self) -> tuple[Callable, Callable]:
+        """(loss_and_grads(params, batch), update(params, summed_grads) -> (params, norm)).
+
+        Built at the first step, after a resume restored the optimizer state: ``mx.compile``
+        captures that state (moments, step, LR) and the random state (LoRA dropout) as
+        implicit inputs and outputs, so both can still be set from Python.
+        """
+        if self._step_fns is None:
+            config, model, optimizer = self.config, self.model, self.optimizer
+
+            def loss_of(params: dict, batch: dict) -> tuple[mx.array, dict]:
+                model.update(cast(params, self.dtype))
+                return self.loss(model, batch)
+
+            def update(params: dict, grads: dict) -> tuple[dict, mx.array]:
+                grads = tree_map(lambda g: g / config.gradient_accumulation_steps, grads)
+                grads, grad_norm = optim.clip_grad_norm(grads, config.max_grad_norm)
+                return optimizer.apply_gradients(grads, params), grad_norm
+
+            loss_and_grads = mx.value_and_grad(loss_of)
+            self._step_fns = (loss_and_grads, update)
+            if config.compile:
+                state = optimizer.state
+                self._step_fns = (
+                    mx.compile(loss_and_grads, inputs=[mx.random.state],
+                               outputs=[mx.random.state]),
+                    mx.compile(update, inputs=state, outputs=state))
+        return self._step_fns
+
+    def train_step(self, micro_batches: list[Batch], step: int) -> None:
+        config, accum = self.config, len(micro_batches)
+        loss_and_grads, update = self._fns()
+        grads = None
+        for micro, rows in enumerate(micro_batches):
+            # Dropout masks are a function of (seed, step, micro-batch): resume repeats them.
+            mx.random.seed(config.seed + self.process_index + 100_003 * (
+                step * accum + micro + 1))
+            (loss, extras), micro_grads = loss_and_grads(self.params, to_mx(rows))
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
+            for key, value in {"loss": loss, **extras}.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value.item() / accum
+        self.optimizer.learning_rate = config.learning_rate * lr_factor(
+            step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
+        mx.eval(self.params, self._grad_norm, self.optimizer.state)
+
+    def read_interval(self) -> tuple[dict[str, float], float]:
+        keys = list(self._sums)
+        sums = self.all_sum([self._sums[k] for k in keys])
+        return {k: v / self.num_processes for k, v in zip(keys, sums, strict=True)}, \
+            float(self._grad_norm.item())
+
+    def reset_interval(self) -> None:
+        self._sums: dict[str, float] = {"loss": 0.0}
+        self._grad_norm = mx.array(0.0)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Dropout off, the current weights in the compute dtype."""
+        self.model.update(cast(self.params, self.dtype))
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
+
+    def eval_loss(self, batch: Batch) -> float:
+        loss, _ = self.loss(self.model, to_mx(batch))
+        return loss.item()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
+        if not self.is_main_process:  # rank 0 writes the weights every rank holds
+            return root / checkpoint_name(state)
+        return checkpoint_io.save_checkpoint(
+            lambda folder: self.built.write_weights(self.params, folder), self.optimizer,
+            state, config_dict, root)
+
+    def load(self, ckpt_dir: Path) -> TrainState:
+        self.params, saved = checkpoint_io.load_checkpoint(
+            self.model, self.optimizer, ckpt_dir, self.built.read_weights)
+        return saved
+
+    def memory_gib(self) -> float:
+        return mx.get_peak_memory() / 2**30
+
+    def merge(self, ckpt_dir: Path, out_dir: Path) -> Path:
+        return lora.merge_adapter(ckpt_dir, out_dir)
+
+    def finish(self) -> None:
+        return None

@@ -1,0 +1,49 @@
+"""The processes of a run as every layer below the engines sees them: who is main, a barrier.
+
+Each engine answers these for its own launcher (accelerate's processes for torch,
+``mlx.launch`` ranks for MLX), so code that both backends run never asks accelerate: under
+``mlx.launch`` every rank would be "main" to accelerate and all of them would write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+
+class Processes(Protocol):
+    """Rank facts and the one collective the shared layers need."""
+
+    process_index: int
+    num_processes: int
+    is_main_process: bool        # rank 0 of the whole run: logs, writes checkpoints
+    is_local_main_process: bool  # rank 0 of this machine: downloads into its local disk
+
+    def wait_for_everyone(self) -> None: ...
+
+
+class OneProcess:
+    """A run of one process (tools, preflight, tests): main everywhere, barriers are no-ops."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+    is_local_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        return None
+
+
+@contextmanager
+def local_main_first(processes: Processes) -> Iterator[None]:
+    """Run the block on each machine's main process first, then on the others.
+
+    For work that fills a machine's disk once (downloads, tokenizer copies): the others find
+    it done. Every process must enter, or the barrier waits forever.
+    """
+    if not processes.is_local_main_process:
+        processes.wait_for_everyone()
+    yield
+    if processes.is_local_main_process:
+        processes.wait_for_everyone()

@@ -1,0 +1,100 @@
+"""A stage as the shared loop sees it: examples, their split, collate and token count.
+
+Pretraining, LoRA SFT and LoRA DPO differ here and in their loss (one per engine:
+``utils/torch_engine/losses.py``, ``utils/mlx_engine/losses.py``). Everything in a Task is
+framework-neutral: batches are numpy arrays, which each engine turns into its own tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from configs.training_config import TrainingConfig
+from utils.data_utils import TokenWindows, find_shards, read_dataset_meta, train_eval_split
+from utils.errors import CheckpointError
+from utils.processes import Processes, local_main_first
+from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer
+from utils.stages.examples import data_files, example_lengths, load_dpo, load_sft, pad_dpo, pad_sft
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class Task:
+    stage: str                      # pretrain, sft or dpo: which loss the engine uses
+    examples: Sequence              # map-style; indexed by the WindowBatchSampler
+    train_idx: np.ndarray
+    eval_idx: np.ndarray
+    num_files: int
+    collate: Callable[[list], Batch]
+    count_tokens: Callable[[Batch], int]  # real (non-padding) tokens of a batch
+    lengths: np.ndarray | None = None  # per example: the sampler groups batches by length
+    meta: dict = field(default_factory=dict)  # dataset.json; "tokenizer" names its folder
+    base_path: Path | None = None   # LoRA stages: the model the adapters train on
+    vocab_size: int = 0             # LoRA stages: the tokenizer's (the base must cover it)
+
+    def check_vocab(self, model_vocab: int) -> None:
+        """CheckpointError if the tokenizer has ids the base model cannot embed."""
+        if self.vocab_size > model_vocab:
+            raise CheckpointError(
+                f"the tokenizer of {self.base_path} has {self.vocab_size} tokens but the model "
+                f"only {model_vocab}: they do not belong together; pass the base's own tokenizer")
+
+
+def build_task(config: TrainingConfig, processes: Processes) -> Task:
+    """The task for ``config.stage``."""
+    if config.stage == "pretrain":
+        return pretrain_task(config)
+    return finetune_task(config, processes)
+
+
+def pretrain_task(config: TrainingConfig) -> Task:
+    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones."""
+    root = Path(config.data_dir)
+    shards = find_shards(root, max_files=config.max_files or None)
+    windows = TokenWindows(shards, config.seq_len, root=root)
+    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
+    return Task(stage="pretrain", examples=windows, train_idx=train_idx, eval_idx=eval_idx,
+                num_files=len(shards), collate=_stack_windows,
+                count_tokens=lambda batch: len(batch["input_ids"]) * config.seq_len,
+                meta=read_dataset_meta(root) or {})
+
+
+def _stack_windows(windows: list[np.ndarray]) -> Batch:
+    return {"input_ids": np.stack(windows)}
+
+
+def _real_tokens(batch: Batch) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def finetune_task(config: TrainingConfig, processes: Processes) -> Task:
+    """Resolve the base and its tokenizer, then read, check and tokenize the stage's data."""
+    base_path = resolve_base(config, processes)
+    tokenizer = load_tokenizer(resolve_tokenizer(base_path))
+    files = data_files(config.data_dir)
+    load = load_dpo if config.stage == "dpo" else load_sft
+    examples = load(files, encoder(tokenizer), tokenizer.eos_token_id, config.seq_len)
+    # Held out: --eval-windows examples, at most a tenth of the data (small datasets).
+    n_eval = min(config.eval_windows, max(1, len(examples) // 10)) if len(examples) > 1 else 0
+    train_idx, eval_idx = train_eval_split(len(examples), n_eval, config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    # The loop copies every file of meta["tokenizer"] into each checkpoint: give it a folder
+    # with the tokenizer alone (the base's folder also holds weights and training state).
+    own_tokenizer = Path(config.effective_output_dir) / "tokenizer"
+    with local_main_first(processes):
+        if processes.is_local_main_process:
+            tokenizer.save_pretrained(own_tokenizer)
+    return Task(stage=config.stage, examples=examples, train_idx=train_idx, eval_idx=eval_idx,
+                num_files=len(files),
+                collate=partial(pad_dpo if config.stage == "dpo" else pad_sft, pad_id=pad_id),
+                count_tokens=_real_tokens,
+                lengths=example_lengths(examples) if config.group_by_length else None,
+                meta={"tokenizer": str(own_tokenizer)}, base_path=base_path,
+                vocab_size=len(tokenizer))

@@ -1,0 +1,138 @@
+"""The Store interface every backend implements, its errors, and helpers shared by backends."""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import StorageError
+from utils.storage.hashing import file_crc32c, file_md5
+
+ProgressFn = Callable[[int], None]
+
+
+class ObjectNotFound(StorageError):
+    """The named object does not exist (the store itself is reachable)."""
+
+
+class RetriesExhausted(StorageError):
+    """Transient errors outlasted the retry deadline; later transfers would fail the same way."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: name relative to the store root ('/'-separated), hashes base64 like GCS."""
+
+    name: str
+    size: int
+    crc32c: str | None
+    md5: str | None
+
+
+def _tmp_name(final: Path) -> Path:
+    """Hidden temporary next to the final file, so rename is atomic and listings skip it."""
+    return final.parent / f".{final.name}.part-{secrets.token_hex(4)}"
+
+
+def _visible(rel: str) -> bool:
+    """Hidden names (our caches, .part- temporaries, OS junk) are never listed or uploaded."""
+    return bool(rel) and not any(part.startswith(".") for part in rel.split("/"))
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def _safe_local_path(root: Path, name: str) -> Path:
+    """Map an object name under root; names that would escape it are refused."""
+    parts = name.split("/")
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise StorageError(
+            f"object name {name!r} is not a safe relative path; rename it in the bucket"
+        )
+    return root.joinpath(*parts)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _verify_file(path: Path, expected: ObjectInfo, where: str) -> None:
+    """Check a downloaded temporary against the object's size and hash before it is renamed."""
+    size = path.stat().st_size
+    if expected.size >= 0 and size != expected.size:
+        raise StorageError(
+            f"{where}: got {size} bytes, expected {expected.size} (the object changed during "
+            "the transfer or the connection was cut); run the sync again"
+        )
+    if expected.crc32c is not None:
+        kind, want, got = "crc32c", expected.crc32c, file_crc32c(path)
+    elif expected.md5 is not None:
+        kind, want, got = "md5", expected.md5, file_md5(path)
+    else:
+        return
+    if got != want:
+        raise StorageError(
+            f"{where}: downloaded data has {kind} {got}, expected {want} (the object changed "
+            "during the transfer or the data was corrupted); run the sync again"
+        )
+
+
+class Store(ABC):
+    """A flat namespace of objects under a root URL (a bucket prefix or a directory)."""
+
+    url: str
+
+    @abstractmethod
+    def child(self, prefix: str) -> Store:
+        """A store rooted at url/prefix (e.g. checkpoints/<run>/<ckpt>/)."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every visible object under prefix, recursively, from one listing (sizes and hashes)."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether the object exists."""
+
+    @abstractmethod
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+        """Upload and verify remote crc32c == local crc32c (pass crc32c if already known)."""
+
+    @abstractmethod
+    def download_file(
+        self,
+        name: str,
+        local: Path,
+        *,
+        expected: ObjectInfo | None = None,
+        on_bytes: ProgressFn | None = None,
+    ) -> None:
+        """Download to a temporary next to local, verify, then rename into place.
+
+        expected (usually from list()) is what the file must match; without it the object's
+        own reported hash is used. A mismatch raises StorageError and leaves local untouched.
+        """
+
+    @abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """A small object's content; ObjectNotFound if missing."""
+
+    @abstractmethod
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a small object (atomically: readers see the old or the new content)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove one object; a missing object is fine (retried deletes must not fail)."""
+
+    @abstractmethod
+    def check_access(self, write: bool = False) -> None:
+        """Raise StorageError unless the store exists and is readable (and writable)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

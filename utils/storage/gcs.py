@@ -1,0 +1,298 @@
+"""GcsStore: gs://bucket/prefix through google-cloud-storage, imported only when opened.
+
+The GPU machines train from a local store and do not have google-cloud-storage installed, so
+nothing here imports it at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from utils.errors import StorageError
+from utils.storage.base import (
+    ObjectInfo,
+    ObjectNotFound,
+    ProgressFn,
+    RetriesExhausted,
+    Store,
+    _join,
+    _short,
+    _tmp_name,
+    _verify_file,
+    _visible,
+)
+from utils.storage.credentials import _load_credentials
+from utils.storage.hashing import bytes_crc32c, file_crc32c
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Client
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+class _CountingWriter:
+    """File wrapper that reports written bytes to a progress callback."""
+
+    def __init__(self, f: BinaryIO, on_bytes: ProgressFn | None) -> None:
+        self._f = f
+        self._on_bytes = on_bytes
+
+    def write(self, data: bytes) -> int:
+        n = self._f.write(data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+
+class GcsStore(Store):
+    """gs://bucket/prefix through google-cloud-storage, with explicit retry and timeouts."""
+
+    def __init__(
+        self, client: Client, bucket: str, prefix: str = "", retry_deadline_s: float = 120.0
+    ) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        self._client = client
+        self.bucket_name = bucket
+        self.prefix = _join(prefix)
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
+        self.retry_deadline_s = retry_deadline_s
+        self._bucket = client.bucket(bucket)
+        # Transient errors (429/5xx, resets, timeouts) back off 0.5 s .. 8 s until the deadline.
+        self._retry = DEFAULT_RETRY.with_timeout(retry_deadline_s).with_delay(
+            initial=0.5, maximum=8.0, multiplier=2.0
+        )
+        # (connect, read) per request, never longer than the whole retry budget.
+        budget = max(retry_deadline_s, 1.0)
+        self._timeout = (min(10.0, budget), min(60.0, budget))
+
+    def child(self, prefix: str) -> GcsStore:
+        return GcsStore(
+            self._client, self.bucket_name, _join(self.prefix, prefix), self.retry_deadline_s
+        )
+
+    def _key(self, name: str) -> str:
+        return self._base + name.lstrip("/")
+
+    @contextmanager
+    def _errors(self, name: str | None = None) -> Iterator[None]:
+        """Turn client exceptions into one line that names the bucket and the fix."""
+        import requests
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
+        from google.cloud.storage.exceptions import DataCorruption
+
+        where = f"{self.url}/{name}" if name else self.url
+        try:
+            yield
+        except StorageError:
+            raise
+        except gexc.NotFound as exc:
+            if name is None or "bucket does not exist" in str(exc.message).lower():
+                raise StorageError(
+                    f"gs://{self.bucket_name}: bucket does not exist (404); "
+                    "check the --bucket URL (and the project) or create the bucket"
+                ) from exc
+            raise ObjectNotFound(f"{where} does not exist (404); check the name") from exc
+        except (gexc.Forbidden, gexc.Unauthorized) as exc:
+            raise StorageError(
+                f"gs://{self.bucket_name}: access denied ({exc.code}) for {where}; grant this "
+                "identity storage access (objectViewer to read, objectAdmin to write) or pass "
+                "--credentials with a key that has it"
+            ) from exc
+        except gexc.RetryError as exc:
+            cause = exc.cause if exc.cause is not None else exc
+            raise RetriesExhausted(
+                f"{where}: still failing after retrying for {self.retry_deadline_s:g} s "
+                f"({_short(cause)}); check the network or endpoint, or raise the retry deadline"
+            ) from exc
+        except DataCorruption as exc:
+            raise StorageError(
+                f"{where}: checksum mismatch in transit (data corrupted); run the sync again"
+            ) from exc
+        except auth_exc.GoogleAuthError as exc:
+            raise StorageError(
+                f"gs://{self.bucket_name}: authentication failed ({type(exc).__name__}); run "
+                "`gcloud auth application-default login` or pass --credentials KEY.json"
+            ) from exc
+        except gexc.GoogleAPICallError as exc:
+            raise StorageError(
+                f"{where}: request failed ({exc.code} {_short(exc)}); check the bucket and retry"
+            ) from exc
+        except requests.RequestException as exc:  # not retryable, e.g. a malformed endpoint
+            raise StorageError(
+                f"{where}: cannot reach the storage endpoint ({_short(exc)}); check the network "
+                "and STORAGE_EMULATOR_HOST"
+            ) from exc
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        out: list[ObjectInfo] = []
+        with self._errors():
+            blobs = self._client.list_blobs(
+                self.bucket_name,
+                prefix=self._key(prefix) or None,
+                fields="items(name,size,crc32c,md5Hash),nextPageToken",
+                page_size=1000,
+                retry=self._retry,
+                timeout=self._timeout,
+            )
+            for blob in blobs:
+                rel = blob.name[len(self._base):]
+                if rel.endswith("/") or not _visible(rel):
+                    continue  # folder placeholders and hidden objects
+                out.append(ObjectInfo(rel, int(blob.size or 0), blob.crc32c, blob.md5_hash))
+        return out
+
+    def exists(self, name: str) -> bool:
+        with self._errors(name):
+            return bool(
+                self._bucket.blob(self._key(name)).exists(retry=self._retry, timeout=self._timeout)
+            )
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+        local = Path(local)
+        crc = crc32c or file_crc32c(local)
+        blob = self._bucket.blob(self._key(name))
+
+        def upload() -> None:
+            # A plain Retry (not the conditional default) so uploads are retried too: the
+            # same bytes overwrite the same name, which is idempotent for our use.
+            blob.upload_from_filename(
+                str(local),
+                checksum="crc32c",
+                crc32c_checksum_value=crc,
+                retry=self._retry,
+                timeout=self._timeout,
+            )
+
+        from google.api_core import exceptions as gexc
+
+        with self._errors(name):
+            try:
+                upload()
+            except gexc.NotFound:
+                # The server lost a resumable session (restart, expiry): start over, once.
+                try:
+                    upload()
+                except gexc.NotFound as exc:
+                    raise StorageError(
+                        f"gs://{self.bucket_name}: uploading {name} answered 404 twice; "
+                        "check that the bucket exists"
+                    ) from exc
+        if blob.crc32c != crc:
+            raise StorageError(
+                f"{self.url}/{name}: stored crc32c {blob.crc32c} != local {crc} "
+                f"({local} changed while uploading?); upload it again"
+            )
+        return ObjectInfo(name, int(blob.size or local.stat().st_size), blob.crc32c, blob.md5_hash)
+
+    def download_file(
+        self,
+        name: str,
+        local: Path,
+        *,
+        expected: ObjectInfo | None = None,
+        on_bytes: ProgressFn | None = None,
+    ) -> None:
+        blob = self._bucket.blob(self._key(name))
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(local)
+        try:
+            with self._errors(name), open(tmp, "wb") as f:
+                # raw_download: the stored bytes, so hashes match the listing even for
+                # gzip-encoded objects; the client checks the crc32c header as it reads.
+                blob.download_to_file(
+                    _CountingWriter(f, on_bytes),
+                    raw_download=True,
+                    checksum="crc32c",
+                    retry=self._retry,
+                    timeout=self._timeout,
+                )
+            if expected is None:
+                expected = ObjectInfo(name, -1, blob.crc32c, blob.md5_hash)
+            _verify_file(tmp, expected, f"{self.url}/{name}")
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self._errors(name):
+            return bytes(
+                self._bucket.blob(self._key(name)).download_as_bytes(
+                    raw_download=True, checksum="crc32c", retry=self._retry, timeout=self._timeout
+                )
+            )
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        blob = self._bucket.blob(self._key(name))
+        with self._errors(name):
+            blob.upload_from_string(
+                data, checksum="crc32c", retry=self._retry, timeout=self._timeout
+            )
+        if blob.crc32c != bytes_crc32c(data):
+            raise StorageError(f"{self.url}/{name}: stored crc32c does not match; write it again")
+
+    def delete(self, name: str) -> None:
+        try:
+            with self._errors(name):
+                self._bucket.blob(self._key(name)).delete(retry=self._retry, timeout=self._timeout)
+        except ObjectNotFound:
+            pass
+
+    def check_access(self, write: bool = False) -> None:
+        with self._errors():
+            page = self._client.list_blobs(
+                self.bucket_name,
+                prefix=self._base or None,
+                max_results=1,
+                retry=self._retry,
+                timeout=self._timeout,
+            )
+            list(page)
+        if write:
+            probe = f".access-check-{secrets.token_hex(6)}"
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+
+
+def _open_gcs(url: str, credentials: str | None, retry_deadline_s: float) -> GcsStore:
+    try:
+        from google.auth.transport.requests import AuthorizedSession
+        from google.cloud import storage
+        from requests.adapters import HTTPAdapter
+    except ImportError as exc:
+        raise StorageError(
+            f"{url} needs google-cloud-storage, which is not installed; run "
+            "`pip install google-cloud-storage==3.17.1` or use a local directory store"
+        ) from exc
+    bucket, _, prefix = url[len("gs://"):].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise StorageError(
+            f"{url}: {bucket!r} is not a valid bucket name; use gs://BUCKET/optional/prefix"
+        )
+    creds, project = _load_credentials(credentials)
+    session = AuthorizedSession(creds)
+    # Room for many concurrent transfers without urllib3 discarding pooled connections.
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    client = storage.Client(project=project, credentials=creds, _http=session)
+    return GcsStore(client, bucket, prefix, retry_deadline_s)

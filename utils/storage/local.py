@@ -1,0 +1,156 @@
+"""LocalStore: a plain directory used as a bucket, for users without GCS."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from utils.errors import StorageError
+from utils.fs import atomic_write
+from utils.storage.base import (
+    ObjectInfo,
+    ObjectNotFound,
+    ProgressFn,
+    Store,
+    _join,
+    _safe_local_path,
+    _tmp_name,
+    _verify_file,
+    _visible,
+)
+from utils.storage.hashing import _CHUNK, HashCache, file_crc32c
+
+
+def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: ProgressFn | None) -> None:
+    while chunk := src.read(_CHUNK):
+        dst.write(chunk)
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+
+
+class LocalStore(Store):
+    """A directory used as a bucket: the embedded default for users without GCS.
+
+    Its hashes come from a HashCache in the directory, standing in for the metadata GCS keeps.
+    """
+
+    def __init__(self, base: Path, prefix: str = "") -> None:
+        self.base = Path(base).expanduser().resolve()
+        self.prefix = _join(prefix)
+        self.root = self.base.joinpath(*self.prefix.split("/")) if self.prefix else self.base
+        self.url = str(self.root)
+        self._cache = HashCache(self.root)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self.base, _join(self.prefix, prefix))
+
+    def _path(self, name: str) -> Path:
+        return _safe_local_path(self.root, name)
+
+    def _require_base(self) -> None:
+        if not self.base.is_dir():
+            raise StorageError(
+                f"local store {self.base} does not exist or is not a directory; "
+                "check the --bucket path or create the directory"
+            )
+
+    def _info(self, name: str, path: Path) -> ObjectInfo:
+        return ObjectInfo(name, path.stat().st_size, self._cache.get(name, path), None)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        self._require_base()
+        prefix = prefix.lstrip("/")
+        start = self.root
+        if "/" in prefix:
+            start = _safe_local_path(self.root, prefix.rsplit("/", 1)[0])
+        out: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for fname in sorted(filenames):
+                rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
+                path = Path(dirpath, fname)
+                if not _visible(rel) or not rel.startswith(prefix) or not path.is_file():
+                    continue
+                out.append(self._info(rel, path))
+        self._cache.save()
+        return out
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+        local = Path(local)
+        crc = crc32c or file_crc32c(local)
+        final = self._path(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(final)
+        try:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                _copy_stream(src, dst, None)
+            got = file_crc32c(tmp)
+            if got != crc:
+                raise StorageError(
+                    f"{self.url}/{name}: stored copy has crc32c {got}, expected {crc} "
+                    f"({local} changed while uploading?); upload it again"
+                )
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._cache.record(name, final.stat(), crc, None)
+        self._cache.save(min_interval_s=2.0)
+        return ObjectInfo(name, final.stat().st_size, crc, None)
+
+    def download_file(
+        self,
+        name: str,
+        local: Path,
+        *,
+        expected: ObjectInfo | None = None,
+        on_bytes: ProgressFn | None = None,
+    ) -> None:
+        src = self._path(name)
+        if not src.is_file():
+            raise ObjectNotFound(f"{self.url}/{name} does not exist; check the name or --prefix")
+        if expected is None:
+            expected = self._info(name, src)
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(local)
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                _copy_stream(fin, fout, on_bytes)
+            _verify_file(tmp, expected, f"{self.url}/{name}")
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(f"{self.url}/{name} does not exist; check the name") from exc
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        final = self._path(name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(final, data)
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def check_access(self, write: bool = False) -> None:
+        if write:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(
+                    f"local store {self.root} cannot be created ({exc.strerror}); "
+                    "choose a writable directory"
+                ) from exc
+        self._require_base()
+        if not os.access(self.base, os.R_OK | os.X_OK):
+            raise StorageError(f"local store {self.base} is not readable; fix its permissions")
+        if write and not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageError(f"local store {self.root} is not writable; fix its permissions")

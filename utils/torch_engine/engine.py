@@ -1,0 +1,202 @@
+"""The torch engine: accelerate's processes, a GPT-NeoX (or LoRA on one), AdamW, checkpoints.
+
+One GPU, DDP, FSDP and several machines all come from accelerate (``accelerate launch``,
+``./start_training.sh``); ``torch.compile`` wraps the model after ``accelerator.prepare()``.
+Loss and stage metrics stay on the device between log steps, so the loop adds no host sync
+to a training step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from configs.model_config import count_parameters, hf_config_for
+from configs.training_config import TrainingConfig
+from utils.checkpoint import TrainState
+from utils.data_utils import WindowBatchSampler
+from utils.errors import TrainingError
+from utils.loop.engine import ModelInfo
+from utils.loop.schedule import lr_factor
+from utils.stages.task import Batch, Task
+from utils.torch_engine import checkpoint_io, lora
+from utils.torch_engine.loader import make_torch_loader
+from utils.torch_engine.losses import stage_loss
+from utils.torch_engine.model import (
+    build_model,
+    compile_unavailable,
+    device_peak_flops,
+    memory_gib,
+)
+from utils.torch_engine.optim import build_adamw
+
+
+def _cpu_processes() -> bool:
+    """True for a multi-process launch on a machine without CUDA.
+
+    ``accelerate launch --multi_gpu`` and ``torchrun`` start N processes, but with no GPU
+    accelerate leaves each one alone (world size 1, every rank "main", all writing the same
+    files) unless told to use the CPU; then it joins them with gloo.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+class TorchEngine:
+    """``utils.loop.engine.Engine`` over accelerate."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        self.config = config
+        self.accelerator = Accelerator(
+            cpu=_cpu_processes(), mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            step_scheduler_with_optimizer=False)  # stepped by hand, once per optimizer step
+        acc = self.accelerator
+        if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+                and acc.distributed_type != DistributedType.FSDP):
+            raise TrainingError(
+                f"FSDP was requested (--fsdp / fsdp.yaml) but accelerate set up "
+                f"{acc.distributed_type.value} on {acc.device.type}: it runs FSDP on GPUs only "
+                f"and would train unsharded; drop --fsdp here, or launch on GPUs")
+        self.device = acc.device
+        self.process_index, self.num_processes = acc.process_index, acc.num_processes
+        self.is_main_process = acc.is_main_process
+        self.is_local_main_process = acc.is_local_main_process
+        self.where = f"{self.num_processes} process(es)"
+        self.accelerated = self.device.type != "cpu"
+
+    # ------------------------------------------------------------------ processes
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.num_processes == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(total, reduction="sum").tolist()
+
+    def broadcast_object(self, values: list) -> list:
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(values, src=0)
+        return values
+
+    # ------------------------------------------------------------------ model
+
+    def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
+        """Model, AdamW and schedule for the stage; prepare() first, then compile."""
+        self.config, acc = config, self.accelerator
+        acc.free_memory()  # a previous curriculum stage's model and optimizer
+        set_seed(config.seed)
+        if task.base_path is None:
+            hf_config = hf_config_for(config.model, task.meta)
+            model = build_model(config, task.meta)
+        else:
+            base = lora.load_base(task.base_path)
+            task.check_vocab(base.config.vocab_size)
+            hf_config = base.config
+            model = lora.build_lora_model(base, config, task.base_path)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        optimizer = build_adamw(model.to(self.device), config.learning_rate,
+                                config.weight_decay, (config.adam_beta1, config.adam_beta2),
+                                config.adam_epsilon)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+            lr_factor, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+            min_ratio=config.min_lr_ratio))
+        model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.model = self._compiled(model) if config.compile else model
+        self.model.train()
+        self.loss = stage_loss(task.stage, config.dpo_beta)
+        self.reset_interval()
+        total, non_embedding = count_parameters(hf_config)
+        return ModelInfo(
+            total, non_embedding, trainable, hf_config.num_hidden_layers, hf_config.hidden_size,
+            hf_config.vocab_size, device_peak_flops(self.device, config.peak_tflops),
+            f"torch on {self.device}, mixed precision {config.mixed_precision}, "
+            f"compile {self.model is not model}")
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        reason = compile_unavailable(self.device)
+        if reason:
+            self.accelerator.print(f"torch.compile unavailable ({reason}); running eager")
+            return model
+        return torch.compile(model)
+
+    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Batch]:
+        loader = make_torch_loader(task.examples, sampler, task.collate, self.config.num_workers,
+                                   self.config.prefetch_factor,
+                                   pin_memory=self.device.type == "cuda")
+        return iter(loader)
+
+    def _on_device(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v).to(
+            self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, micro_batches: list[dict], step: int) -> None:
+        """Accumulate over the micro-batches (DDP syncs on the last), clip, step.
+
+        ``step`` needs no use here: the scheduler and the RNG states carry it.
+        """
+        acc, accum = self.accelerator, len(micro_batches)
+        for batch in micro_batches:
+            with acc.accumulate(self.model):
+                loss, extras = self.loss(self.model, self._on_device(batch))
+                acc.backward(loss)
+            self._sums["loss"] += loss.detach() / accum
+            for key, value in extras.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value.detach() / accum
+        self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def read_interval(self) -> tuple[dict[str, float], float]:
+        means = {k: self.accelerator.reduce(v, reduction="mean").item()
+                 for k, v in self._sums.items()}
+        return means, float(self._grad_norm)
+
+    def reset_interval(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
+        self._grad_norm = torch.zeros((), device=self.device)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train()
+
+    def eval_loss(self, batch: Batch) -> float:
+        loss, _ = self.loss(self.model, self._on_device(batch))
+        return loss.item()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
+        return checkpoint_io.save_checkpoint(self.accelerator, self.model, self.optimizer,
+                                             self.scheduler, state, config_dict, root)
+
+    def load(self, ckpt_dir: Path) -> TrainState:
+        return checkpoint_io.load_checkpoint(self.accelerator, self.model, self.optimizer,
+                                             self.scheduler, ckpt_dir)
+
+    def memory_gib(self) -> float:
+        return memory_gib(self.device)
+
+    def merge(self, ckpt_dir: Path, out_dir: Path) -> Path:
+        return lora.merge_adapter(ckpt_dir, out_dir)
+
+    def finish(self) -> None:
+        self.accelerator.end_training()
