@@ -9,6 +9,10 @@ here. Runs are real ``train.py --backend mlx`` processes on the CPU; nothing is 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from conftest import run_train
+from conftest import REPO, run_train
 from lora_data import (
     LORA,
     PAIRS,
@@ -220,3 +224,43 @@ def test_qlora_4bit_run_learns_and_its_adapter_serves_the_full_base(tiny_base, t
                                       find_complete(out / "checkpoints")[-1]).eval()
     after = mean_answer_logp(tuned, examples, tokenizer.pad_token_id)
     assert after > before + 1.0, (before, after)
+
+
+# ---------------------------------------------------------------- ranks
+
+@pytest.mark.slow
+def test_two_mlx_ranks_run_sft_and_a_curriculum_like_one_process(tiny_base, tmp_path):
+    """`mlx.launch -n 2` x batch 2 runs the --topics curriculum (LoRA SFT, then DPO) as one
+    process with batch 4 does: the same losses, and rank 0 alone resolves, merges and reports."""
+    topics = tmp_path / "topics"
+    write_jsonl(topics / "01-add" / "sft.jsonl", qa(TRAIN_PAIRS[:24]))
+    write_jsonl(topics / "01-add" / "dpo.jsonl", prefs(TRAIN_PAIRS[:24]))
+    args = [*LORA, "--stage", "sft", "--topics", str(topics), "--init-from", str(tiny_base),
+            "--max-steps", "4", "--save-steps", "4", "--logging-steps", "1", "--run-name", "cur",
+            "--lora-dropout", "0", "--learning-rate", "3e-3"]
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_train(*args, "--output-dir", str(one), "--per-device-train-batch-size", "4",
+                       tmp_path=tmp_path, env=ENV, script="mlx_train.py")
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    ranks = subprocess.run(
+        [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *args,
+         "--output-dir", str(two), "--per-device-train-batch-size", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+
+    for stage in ("sft", "dpo"):
+        got, want = metrics(two / "01-add" / stage), metrics(one / "01-add" / stage)
+        assert [r["step"] for r in got] == [1, 2, 3, 4]  # one writer
+        assert np.allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=0,
+                           atol=1e-4), (stage, got, want)
+        assert [p.name for p in find_complete(two / "01-add" / stage / "checkpoints")] == [
+            "checkpoint-epoch0-step4-files1"]
+        assert (two / "01-add" / stage / "merged" / "model.safetensors").is_file()
+    # Rank 1 neither reports nor merges: each line of the curriculum appears once.
+    for line in ("curriculum: 01-add/sft", "curriculum: 01-add/dpo",
+                 "curriculum: all 2 stages finished"):
+        assert ranks.stdout.count(line) == 1, (line, ranks.stdout[-3000:])
+    record = json.loads((two / "curriculum.json").read_text())
+    assert [e["stage"] for e in record["finished"]] == ["01-add/sft", "01-add/dpo"]

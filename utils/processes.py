@@ -35,6 +35,9 @@ class OneProcess:
         return None
 
 
+ONE_PROCESS = OneProcess()
+
+
 @contextmanager
 def local_main_first(processes: Processes) -> Iterator[None]:
     """Run the block on each machine's main process first, then on the others.

@@ -17,7 +17,7 @@ from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint.format import ADAPTER_CONFIG
 from utils.errors import CheckpointError
-from utils.processes import Processes, local_main_first
+from utils.processes import ONE_PROCESS, Processes, local_main_first
 from utils.stages.examples import Encode
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def _quiet(*_: object) -> None:
     """Non-main processes print nothing (every rank resolves the same base)."""
 
 
-def resolve_base(config: TrainingConfig, processes: Processes) -> Path:
+def resolve_base(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> Path:
     """The folder ``--init-from`` means: a path, or ``latest``/a checkpoint name of --init-run.
 
     Run checkpoints come from outputs/<init_run>/checkpoints or, when only the bucket has them,
