@@ -5,10 +5,11 @@
 (b) the loop's blocking time per checkpoint with the background publisher against a
     synchronous save + upload (--no-background-upload) of the same checkpoints.
 
-Every case runs ``train.train()`` in a child process; the publisher and the metrics writer are
-subclassed only to timestamp what they already do. Two buckets: the GCS emulator (the real HTTP
-protocol and client; its server runs on the same cores as training, a pessimistic case) and a
-local directory throttled to --mbps (a network-bound upload, like a real bucket).
+Every case runs the shared loop (``utils.loop.trainer``) in a child process; the publisher and
+the metrics writer are subclassed only to timestamp what they already do. Two buckets: the GCS
+emulator (the real HTTP protocol and client; its server runs on the same cores as training, a
+pessimistic case) and a local directory throttled to --mbps (a network-bound upload, like a
+real bucket).
 
     .venv/bin/python bench/bench_checkpoint.py [--model small] [--steps 90] [--save-steps 15]
 """
@@ -52,28 +53,29 @@ class ThrottledStore(LocalStore):
 
 def child(args: argparse.Namespace) -> None:
     """One training run; writes step and upload timings as JSON to args.result."""
-    import train
     from configs.cli import parse_args
+    from utils.loop import trainer
     from utils.loop.metrics import MetricsWriter
+    from utils.torch_engine.engine import TorchEngine
 
     steps: list[tuple[float, int, float]] = []  # (time logged, step, step_time_s)
-    publishers: list[train.CheckpointPublisher] = []
+    publishers: list[trainer.CheckpointPublisher] = []
 
     class StampedMetrics(MetricsWriter):
         def write(self, record: dict) -> None:
             steps.append((time.perf_counter(), record["step"], record["step_time_s"]))
             super().write(record)
 
-    class RecordedPublisher(train.CheckpointPublisher):
+    class RecordedPublisher(trainer.CheckpointPublisher):
         def __init__(self, *a, **kw) -> None:
             super().__init__(*a, **kw)
             publishers.append(self)
 
-    train.MetricsWriter = StampedMetrics
-    train.CheckpointPublisher = RecordedPublisher
+    trainer.MetricsWriter = StampedMetrics
+    trainer.CheckpointPublisher = RecordedPublisher
     if args.store == "throttled":
         Path(args.bucket).mkdir(parents=True, exist_ok=True)
-        train.open_checkpoint_store = lambda config, accelerator: ThrottledStore(
+        trainer.open_checkpoint_store = lambda config, engine: ThrottledStore(
             Path(config.bucket), args.mbps)
     config, _ = parse_args([
         "--config", "smoke", "--model", args.model, "--seq-len", str(args.seq_len),
@@ -82,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
         "--eval-windows", "8", "--data-dir", args.data_dir, "--output-dir", args.out,
         "--bucket", args.bucket, "--run-name", "bench", "--save-total-limit", "2",
         "--background-upload" if args.mode == "background" else "--no-background-upload"])
-    train.train(config)
+    trainer.train(config, TorchEngine(config))
     uploads = [(r.started, r.finished, r.size) for r in publishers[0].history if r.uploaded]
     Path(args.result).write_text(json.dumps({"steps": steps, "uploads": uploads}))
 

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.data_utils import META_NAME, SHARD_SUFFIXES
-from utils.errors import DataError
+from utils.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -163,10 +163,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--tokenizer {name}: cannot load it ({first}); give a local folder or a cached "
-            "Hugging Face name"
+            f"--tokenizer {name}: cannot load it ({first_line(e)}); give a local folder or a "
+            "cached Hugging Face name"
         ) from e
     if tok.eos_token_id is None:
         raise DataError(f"--tokenizer {name}: it has no eos_token to separate documents")

@@ -264,3 +264,27 @@ def test_two_mlx_ranks_run_sft_and_a_curriculum_like_one_process(tiny_base, tmp_
         assert ranks.stdout.count(line) == 1, (line, ranks.stdout[-3000:])
     record = json.loads((two / "curriculum.json").read_text())
     assert [e["stage"] for e in record["finished"]] == ["01-add/sft", "01-add/dpo"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_validate_checks_the_stage_data_and_base_on_the_chosen_backend(tiny_base, tmp_path,
+                                                                       backend):
+    data = write_jsonl(tmp_path / "sft.jsonl", qa(TRAIN_PAIRS[:20]))
+    args = ["--config", "sft", "--backend", backend, "--validate", "--bucket", "",
+            "--init-from", str(tiny_base), "--output-dir", str(tmp_path / "out")]
+    ok = run_train(*args, "--data-dir", str(data), tmp_path=tmp_path, env=ENV)
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    assert ok.stdout.count("[PASS]") == 7 and "[skip] bucket" in ok.stdout
+    assert f"18 training examples, 2 held out; base {tiny_base.resolve()}" in ok.stdout
+    assert ("mlx on" if backend == "mlx" else "torch on") in ok.stdout
+    assert "trainable" in ok.stdout and "after reload" in ok.stdout
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*qa(TRAIN_PAIRS[:3]), {"question": "2 + 2?"}])
+    failed = run_train(*args, "--data-dir", str(bad), tmp_path=tmp_path, env=ENV)
+    assert failed.returncode == 1
+    assert "[FAIL] data present and readable" in failed.stdout
+    assert f"{bad}:4: missing key 'answer'" in failed.stdout
+    no_base = run_train(*args[:-4], "--init-from", str(tmp_path / "nothing"), "--data-dir",
+                        str(data), "--output-dir", str(tmp_path / "out"), tmp_path=tmp_path,
+                        env=ENV)
+    assert no_base.returncode == 1 and "is not a folder" in no_base.stdout

@@ -29,7 +29,7 @@ from typing import Any
 
 from utils.data_utils import DataPosition
 from utils.errors import CheckpointError
-from utils.fs import fsync_dir
+from utils.fs import atomic_write, fsync_dir
 from utils.storage import file_crc32c
 
 MARKER = "COMPLETE.json"
@@ -98,7 +98,7 @@ def by_step(name: str) -> tuple[int, str]:
 def write_manifest(ckpt_dir: Path) -> None:
     """Hash and fsync every file, then write the marker atomically: the checkpoint now counts.
 
-    Hidden files (a leftover ``.COMPLETE.json.tmp``, a sync cache) are not part of it: stores
+    Hidden files (a leftover ``.COMPLETE.json.part-*``, a sync cache) are not part of it: stores
     never list them, so a manifest naming one could never be verified remotely.
     """
     files = {}
@@ -109,11 +109,7 @@ def write_manifest(ckpt_dir: Path) -> None:
         with path.open("rb") as f:
             os.fsync(f.fileno())
         files[rel] = {"size": path.stat().st_size, "crc32c": file_crc32c(path)}
-    tmp = ckpt_dir / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"files": files, "created": time.time()}, indent=1))
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(ckpt_dir / MARKER)
+    atomic_write(ckpt_dir / MARKER, json.dumps({"files": files, "created": time.time()}, indent=1))
     fsync_dir(ckpt_dir)
 
 

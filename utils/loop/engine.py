@@ -56,8 +56,12 @@ class Engine(Collectives, Protocol):
         """This rank's micro-batches in sampler order; ``sampler.position`` follows them."""
         ...
 
-    def train_step(self, micro_batches: list[Any], step: int) -> None:
-        """One optimizer step (0-based ``step``) over one step's micro-batches, accumulated."""
+    def train_step(self, micro_batches: list[Any], step: int,
+                   target_count: float | None = None) -> None:
+        """One optimizer step (0-based ``step``) over one step's micro-batches, accumulated.
+
+        ``target_count`` (SFT) goes into each batch as ``batch["target_count"]``, the divisor
+        of its summed loss."""
         ...
 
     def read_interval(self) -> tuple[dict[str, float], float]:

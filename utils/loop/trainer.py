@@ -174,9 +174,19 @@ class Trainer:
 
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        task, engine = self.task, self.engine
         micro = [next(self.batches) for _ in range(self.config.gradient_accumulation_steps)]
-        tokens = sum(self.task.count_tokens(b) for b in micro) * self.engine.num_processes
-        self.engine.train_step(micro, self.state.step)
+        tokens = sum(task.count_tokens(b) for b in micro)
+        targets = sum(task.count_targets(b) for b in micro) if task.count_targets else 0
+        if task.stage == "pretrain":  # every window holds seq_len tokens, on every process
+            tokens *= engine.num_processes
+        else:  # padded batches differ from process to process: count what each one had
+            tokens, targets = (int(v) for v in engine.all_sum([tokens, targets]))
+        # SFT: each micro-batch's summed loss is divided by the step's answer tokens per
+        # micro-batch and process, so that after the engines' averaging every token weighs
+        # alike, whatever the accumulation and the number of processes.
+        per_micro = targets / (len(micro) * engine.num_processes) if task.count_targets else None
+        engine.train_step(micro, self.state.step, per_micro)
         self.state.step += 1
         self.state.tokens_seen += tokens
         self.state.position = self.sampler.position

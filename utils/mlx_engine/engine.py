@@ -154,15 +154,19 @@ class MlxEngine(MlxProcesses):
                     mx.compile(update, inputs=state, outputs=state))
         return self._step_fns
 
-    def train_step(self, micro_batches: list[Batch], step: int) -> None:
+    def train_step(self, micro_batches: list[Batch], step: int,
+                   target_count: float | None = None) -> None:
         config, accum = self.config, len(micro_batches)
         loss_and_grads, update = self._fns()
         grads = None
         for micro, rows in enumerate(micro_batches):
+            batch = to_mx(rows)
+            if target_count is not None:
+                batch["target_count"] = mx.array(target_count, mx.float32)
             # Dropout masks are a function of (seed, step, micro-batch): resume repeats them.
             mx.random.seed(config.seed + self.process_index + 100_003 * (
                 step * accum + micro + 1))
-            (loss, extras), micro_grads = loss_and_grads(self.params, to_mx(rows))
+            (loss, extras), micro_grads = loss_and_grads(self.params, batch)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
             for key, value in {"loss": loss, **extras}.items():

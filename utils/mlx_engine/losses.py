@@ -43,9 +43,11 @@ def _token_nll(model: nn.Module, batch: Batch) -> tuple[mx.array, mx.array]:
 
 
 def sft_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
-    """Mean next-token cross-entropy over the batch's answer tokens only."""
+    """Next-token cross-entropy over the batch's answer tokens only, summed and divided by
+    ``batch["target_count"]`` when training, by this batch's own count otherwise (as torch)."""
     nll, mask = _token_nll(model, batch)
-    return nll.sum() / mx.maximum(mask.sum(), 1), {}
+    count = batch["target_count"] if "target_count" in batch else mx.maximum(mask.sum(), 1)
+    return nll.sum() / count, {}
 
 
 def answer_logps(model: nn.Module, batch: Batch) -> mx.array:

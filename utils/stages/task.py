@@ -19,7 +19,15 @@ from utils.data_utils import TokenWindows, find_shards, read_dataset_meta, train
 from utils.errors import CheckpointError
 from utils.processes import Processes, local_main_first
 from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer
-from utils.stages.examples import data_files, example_lengths, load_dpo, load_sft, pad_dpo, pad_sft
+from utils.stages.examples import (
+    IGNORE,
+    data_files,
+    example_lengths,
+    load_dpo,
+    load_sft,
+    pad_dpo,
+    pad_sft,
+)
 
 Batch = dict[str, np.ndarray]
 
@@ -33,6 +41,9 @@ class Task:
     num_files: int
     collate: Callable[[list], Batch]
     count_tokens: Callable[[Batch], int]  # real (non-padding) tokens of a batch
+    # SFT: the answer tokens a batch trains on. The loss of an optimizer step is their mean
+    # over the whole step (all micro-batches, all processes), not a mean of per-batch means.
+    count_targets: Callable[[Batch], int] | None = None
     lengths: np.ndarray | None = None  # per example: the sampler groups batches by length
     meta: dict = field(default_factory=dict)  # dataset.json; "tokenizer" names its folder
     base_path: Path | None = None   # LoRA stages: the model the adapters train on
@@ -73,6 +84,11 @@ def _real_tokens(batch: Batch) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def _answer_targets(batch: Batch) -> int:
+    """Positions that predict an answer token (position t predicts label t+1)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def finetune_task(config: TrainingConfig, processes: Processes) -> Task:
     """Resolve the base and its tokenizer, then read, check and tokenize the stage's data."""
     base_path = resolve_base(config, processes)
@@ -95,6 +111,7 @@ def finetune_task(config: TrainingConfig, processes: Processes) -> Task:
                 num_files=len(files),
                 collate=partial(pad_dpo if config.stage == "dpo" else pad_sft, pad_id=pad_id),
                 count_tokens=_real_tokens,
+                count_targets=_answer_targets if config.stage == "sft" else None,
                 lengths=example_lengths(examples) if config.group_by_length else None,
                 meta={"tokenizer": str(own_tokenizer)}, base_path=base_path,
                 vocab_size=len(tokenizer))

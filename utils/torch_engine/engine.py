@@ -142,15 +142,19 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ steps
 
-    def train_step(self, micro_batches: list[dict], step: int) -> None:
+    def train_step(self, micro_batches: list[dict], step: int,
+                   target_count: float | None = None) -> None:
         """Accumulate over the micro-batches (DDP syncs on the last), clip, step.
 
         ``step`` needs no use here: the scheduler and the RNG states carry it.
         """
         acc, accum = self.accelerator, len(micro_batches)
         for batch in micro_batches:
+            batch = self._on_device(batch)
+            if target_count is not None:
+                batch["target_count"] = torch.tensor(target_count, device=self.device)
             with acc.accumulate(self.model):
-                loss, extras = self.loss(self.model, self._on_device(batch))
+                loss, extras = self.loss(self.model, batch)
                 acc.backward(loss)
             self._sums["loss"] += loss.detach() / accum
             for key, value in extras.items():

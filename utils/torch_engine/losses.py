@@ -45,11 +45,18 @@ def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sft_loss(model, batch: Batch) -> tuple[torch.Tensor, dict]:
-    """Mean next-token cross-entropy over the batch's answer tokens only."""
+    """Next-token cross-entropy over the batch's answer tokens only.
+
+    Summed, then divided by ``batch["target_count"]`` when training (the answer tokens of the
+    whole optimizer step, per micro-batch and process: see ``utils/loop/trainer.py``), so
+    accumulation and ranks weigh every token alike; by this batch's own count otherwise.
+    """
     logits = _forward(model, batch)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), _next_tokens(batch["labels"]).flatten(),
-                           ignore_index=IGNORE)
-    return loss, {}
+    targets = _next_tokens(batch["labels"])
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                          reduction="sum")
+    count = batch.get("target_count")
+    return nll / (count if count is not None else (targets != IGNORE).sum().clamp(min=1)), {}
 
 
 def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
