@@ -20,7 +20,7 @@ What is compared (the first logged interval, compile warm-up, is dropped on both
   multiple of 32 and means to sort examples by length first, but in mlx-lm 0.32.2 that sort
   is a no-op on local JSONL (``CacheDataset.itemlen`` is the raw record's len(), its number
   of keys): its batches are consecutive examples in file order. Ours are length-grouped
-  batches (``utils.data_utils.group_by_length``) padded to their longest example.
+  batches (``utils.data.group_by_length``) padded to their longest example.
 
 mlx_lm formats prompt/completion pairs with the tokenizer's chat template and our tokenizer
 has none: its model folder here is a symlinked copy of the base whose tokenizer_config.json
@@ -110,7 +110,7 @@ class SftData:
         """
         import numpy as np
 
-        from utils.data_utils import DataPosition, WindowBatchSampler
+        from utils.data import DataPosition, WindowBatchSampler
 
         lengths = np.array(self.lengths)
         batches = iter(WindowBatchSampler(np.arange(self.examples), batch, 0, 1, 42,

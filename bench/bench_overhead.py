@@ -32,7 +32,7 @@ def bare_loop(data_dir: str, steps: int, seq_len: int, batch: int) -> list[float
     import torch
 
     from configs.training_config import PRESETS
-    from utils.data_utils import TokenWindows, find_shards, read_dataset_meta
+    from utils.data import TokenWindows, find_shards, read_dataset_meta
     from utils.torch_engine.losses import causal_lm_loss
     from utils.torch_engine.model import build_model
     from utils.torch_engine.optim import build_adamw

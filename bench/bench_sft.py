@@ -33,7 +33,7 @@ def bare_loop(base: str, data: str, steps: int, seq_len: int, batch: int, seed: 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from utils.data_utils import DataPosition, WindowBatchSampler, train_eval_split
+    from utils.data import DataPosition, WindowBatchSampler, train_eval_split
     from utils.stages.base import encoder, load_tokenizer, resolve_tokenizer
     from utils.stages.examples import data_files, example_lengths, load_sft
     from utils.torch_engine.lora import load_base

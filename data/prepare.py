@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from utils.data_utils import META_NAME, SHARD_SUFFIXES
+from utils.data import META_NAME, SHARD_SUFFIXES
 from utils.errors import DataError, first_line
 
 if TYPE_CHECKING:

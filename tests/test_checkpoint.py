@@ -36,7 +36,7 @@ from utils.checkpoint import (
     write_manifest,
 )
 from utils.checkpoint.publisher import CheckpointPublisher
-from utils.data_utils import DataPosition
+from utils.data import DataPosition
 from utils.loop.schedule import lr_factor
 from utils.storage import open_store
 from utils.torch_engine.checkpoint_io import load_checkpoint, save_checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.data_utils import (
+from utils.data import (
     DataPosition,
     TokenWindows,
     WindowBatchSampler,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data.prepare import stdlib_files
-from utils.data_utils import TokenWindows, find_shards, read_dataset_meta
+from utils.data import TokenWindows, find_shards, read_dataset_meta
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from helpers import Run, last_step, metrics, remote_problems, train
 
 from configs.training_config import TrainingConfig
 from utils import checkpoint
-from utils.data_utils import read_dataset_meta
+from utils.data import read_dataset_meta
 from utils.loop.schedule import lr_factor
 from utils.storage import open_store
 from utils.torch_engine import checkpoint_io

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.data_utils import DataPosition
+from utils.data import DataPosition
 from utils.errors import CheckpointError
 from utils.fs import atomic_write, fsync_dir
 from utils.storage import file_crc32c

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
-from utils.data_utils import WindowBatchSampler
+from utils.data import WindowBatchSampler
 from utils.loop.setup import Collectives
 from utils.stages.task import Batch, Task
 

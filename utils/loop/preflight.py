@@ -16,7 +16,7 @@ from pathlib import Path
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, write_manifest
-from utils.data_utils import read_dataset_meta
+from utils.data import read_dataset_meta
 from utils.loop.engine import Engine
 from utils.stages.task import build_task
 from utils.storage import open_store

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, find_complete
 from utils.checkpoint.publisher import CheckpointPublisher
-from utils.data_utils import WindowBatchSampler
+from utils.data import WindowBatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.metrics import (

@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_map
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, checkpoint_name
-from utils.data_utils import WindowBatchSampler
+from utils.data import WindowBatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from configs.training_config import TrainingConfig
-from utils.data_utils import TokenWindows, find_shards, read_dataset_meta, train_eval_split
+from utils.data import TokenWindows, find_shards, read_dataset_meta, train_eval_split
 from utils.errors import CheckpointError
 from utils.processes import Processes, local_main_first
 from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer

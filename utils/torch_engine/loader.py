@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from utils.data_utils import WindowBatchSampler
+from utils.data import WindowBatchSampler
 
 
 def _as_tensors(collate: Callable[[list], dict[str, np.ndarray]],
