@@ -10,14 +10,19 @@ Shards live in nested folders under a data root (``data/training/`` by default):
 
 Everything is memory-mapped (compressed ``.npz`` members excepted, which cannot be), so a
 100 GB dataset costs page cache, not RAM. numpy only: both engines read the same windows.
+Only the most recently used maps stay open (each holds a file descriptor), and the largest
+token id of every shard is cached in the hidden ``.shard-stats.json`` of the data root.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DataError
+from utils.fs import atomic_write
 
 SHARD_SUFFIXES = (".npy", ".npz", ".bin")
 META_NAME = "dataset.json"
@@ -34,6 +40,11 @@ HOW_TO_GET_DATA = (
     "`python download_training_data.py`"
 )
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, skipped fields, name and extra lengths
+MAX_OPEN_SHARDS = 128  # memory maps kept open per process (each holds a file descriptor)
+STATS_NAME = ".shard-stats.json"  # hidden: find_shards and the storage sync skip it
+_STATS_VERSION = 1
+_STATS_CHUNK_BYTES = 4 << 20
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error, zlib.error)
 
 
 def _shard_sort_key(root: Path, path: Path) -> tuple[str, ...]:
@@ -237,9 +248,129 @@ def _inspect(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Sha
             return _inspect_bin(path, root, cache)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as e:
-        raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e}); re-create it") from e
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
     raise DataError(f"{path}: unknown shard type; use one of {', '.join(SHARD_SUFFIXES)}")
+
+
+def _open_file_limit() -> int | None:
+    """This process's soft limit on open files (``ulimit -n``); None if unlimited or unknown."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _unreadable(path: Path, e: BaseException) -> DataError:
+    """The one-line error for a shard that could not be opened or parsed.
+
+    Running out of file descriptors is not the shard's fault: advising to re-create a good
+    file sends the user the wrong way, so name the real cause and the limit to raise.
+    """
+    what = f"{type(e).__name__}: {e}"
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.EMFILE:
+        limit = _open_file_limit()
+        now = f", now {limit}" if limit else ""
+        return DataError(
+            f"{path}: cannot open shard: this process has too many open files ({what}); the "
+            f"shard is fine: raise the open-file limit (`ulimit -n 65536` before starting{now})"
+        )
+    if code == errno.ENFILE:
+        return DataError(
+            f"{path}: cannot open shard: the system has too many open files ({what}); the "
+            "shard is fine: close other programs or raise the system limit (sysctl fs.file-max)"
+        )
+    return DataError(f"{path}: unreadable shard ({what}); re-create it")
+
+
+def _open_tokens(s: _Shard) -> np.ndarray:
+    """The shard's tokens in their stored shape: a read-only map, or in RAM if compressed."""
+    if s.offset is None:
+        with np.load(s.path) as z:
+            return z["input_ids"]
+    return np.memmap(
+        s.path, dtype=s.dtype, mode="r", offset=s.offset, shape=s.shape,
+        order="F" if s.fortran else "C",
+    )
+
+
+def _id_range(s: _Shard) -> tuple[int, int]:
+    """(smallest, largest) token id of a shard, streamed in chunks of a few MB.
+
+    A 10 GB shard must not be read into RAM to find one number: a flat map is reduced chunk by
+    chunk (the order of the tokens does not matter for a minimum and a maximum).
+    """
+    if s.offset is None:  # a compressed member is decompressed whole anyway when trained on
+        with np.load(s.path) as z:
+            arr = z["input_ids"]
+        return int(arr.min()), int(arr.max())
+    flat = np.memmap(s.path, dtype=s.dtype, mode="r", offset=s.offset, shape=(s.num_tokens,))
+    step = max(1, _STATS_CHUNK_BYTES // s.dtype.itemsize)
+    lo, hi = int(flat[0]), int(flat[0])
+    for start in range(0, s.num_tokens, step):
+        chunk = flat[start : start + step]
+        hi = max(hi, int(chunk.max()))
+        if s.dtype.kind == "i":  # unsigned ids are never negative: skip the second pass
+            lo = min(lo, int(chunk.min()))
+    return lo, hi
+
+
+def _load_stats(path: Path) -> dict[str, Any]:
+    """The cached per-shard entries; a missing, corrupt or foreign file only costs a recount."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != _STATS_VERSION:
+        return {}
+    shards = raw.get("shards")
+    return shards if isinstance(shards, dict) else {}
+
+
+def _save_stats(path: Path, entries: dict[str, Any]) -> None:
+    """Write the cache atomically; a read-only data folder just goes without one."""
+    try:
+        atomic_write(path, json.dumps({"version": _STATS_VERSION, "shards": entries}))
+    except OSError:
+        pass
+
+
+def _fresh_stats(entry: Any, st: os.stat_result, dtype: np.dtype) -> bool:
+    """A well-formed entry [size, mtime_ns, dtype, min, max] for the file as it is now.
+
+    The dtype is part of the key: a ``.bin`` read as uint32 instead of uint16 (``dataset.json``
+    edited) holds other ids in the same unchanged bytes.
+    """
+    return (
+        isinstance(entry, list) and len(entry) == 5
+        and entry[:3] == [st.st_size, st.st_mtime_ns, dtype.str]
+        and all(isinstance(v, int) for v in entry[3:])
+    )
+
+
+def _vocab_error(s: _Shard, lo: int, hi: int, vocab_size: int, others: int) -> DataError:
+    """One line naming the shard, the offending id, the vocabulary size and the likely fixes."""
+    if lo < 0:
+        problem = f"has token id {lo}, below 0"
+    else:
+        problem = f"has token id {hi} >= vocabulary size {vocab_size} (ids 0..{vocab_size - 1})"
+    more = f" (and {others} more shard(s) like it)" if others else ""
+    fix = (
+        "the data was made with another tokenizer: re-tokenize it with this model's tokenizer "
+        "or use a model whose vocabulary covers it"
+    )
+    if s.path.suffix == ".bin":
+        fix += f"; or its dtype is wrong (read as {s.dtype}): set \"dtype\" in {META_NAME}"
+    return DataError(f"{s.path}: shard {problem}{more}; {fix}")
+
+
+def _default_max_open() -> int:
+    """``MAX_OPEN_SHARDS``, or a quarter of a low open-file limit (macOS starts at 256)."""
+    limit = _open_file_limit()
+    return MAX_OPEN_SHARDS if limit is None else max(4, min(MAX_OPEN_SHARDS, limit // 4))
 
 
 class TokenWindows:
@@ -249,15 +380,23 @@ class TokenWindows:
     token so every token is a target exactly once. A window never crosses shards (shards are
     separate token streams); 2-D shards are read as their rows concatenated. All shards are
     validated up front from their headers and sizes, so a bad file fails at startup, not hours
-    into a run. Memory maps open lazily per process and are not pickled.
+    into a run. Memory maps open lazily per process, at most ``max_open`` at a time (least
+    recently used closed first), and are not pickled.
     """
 
-    def __init__(self, shards: list[Path], seq_len: int, *, root: Path | None = None) -> None:
-        """``root`` bounds the upward search for the ``dataset.json`` giving ``.bin`` dtypes."""
+    def __init__(
+        self, shards: list[Path], seq_len: int, *, root: Path | None = None,
+        max_open: int | None = None,
+    ) -> None:
+        """``root`` bounds the upward search for the ``dataset.json`` giving ``.bin`` dtypes
+        and holds the id cache (default: the shards' common folder); ``max_open`` defaults to
+        ``MAX_OPEN_SHARDS``, less under a low ``ulimit -n``."""
         if seq_len < 1:
             raise DataError(f"seq_len={seq_len} must be >= 1")
         if not shards:
             raise DataError(f"no shards given; {HOW_TO_GET_DATA}")
+        if max_open is not None and max_open < 1:
+            raise DataError(f"max_open={max_open} must be >= 1 (or None for the default)")
         self.seq_len = seq_len
         cache: dict[Path, np.dtype] = {}
         self._shards = [_inspect(Path(p), root, cache) for p in shards]
@@ -269,34 +408,93 @@ class TokenWindows:
                 f"the {len(shards)} shard(s) hold {self.num_tokens} tokens, but none has the "
                 f"{seq_len + 1} tokens of one window; lower seq_len or add data"
             )
-        self._arrays: dict[int, np.ndarray] = {}
+        self._stats_root = Path(root) if root is not None else Path(
+            os.path.commonpath([os.path.abspath(s.path.parent) for s in self._shards])
+        )
+        self._max_open = max_open or _default_max_open()
+        self._arrays: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self._cum[-1])
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the shard table only: each worker maps the files itself."""
-        return {**self.__dict__, "_arrays": {}}
+        return {**self.__dict__, "_arrays": OrderedDict()}
 
     def _array(self, k: int) -> np.ndarray:
+        """Shard ``k``'s tokens from the LRU of open maps, opening (and evicting) on a miss.
+
+        Every map holds a file descriptor, so keeping all of them open ran 2,000 shards into
+        ``ulimit -n 1024``. A hit costs a dict lookup and a move: with fewer shards than
+        ``max_open`` every map is opened once, as before.
+        """
         arr = self._arrays.get(k)
-        if arr is None:
-            s = self._shards[k]
-            try:
-                if s.offset is None:
-                    with np.load(s.path) as z:
-                        arr = z["input_ids"]
-                else:
-                    arr = np.memmap(
-                        s.path, dtype=s.dtype, mode="r", offset=s.offset, shape=s.shape,
-                        order="F" if s.fortran else "C",
-                    )
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise DataError(
-                    f"{s.path}: unreadable shard ({type(e).__name__}: {e}); re-create it"
-                ) from e
-            self._arrays[k] = arr
+        if arr is not None:
+            self._arrays.move_to_end(k)
+            return arr
+        arr = self._open(k)
+        self._arrays[k] = arr
+        if len(self._arrays) > self._max_open:
+            self._arrays.popitem(last=False)  # the last reference: its map and descriptor close
         return arr
+
+    def _open(self, k: int) -> np.ndarray:
+        """Open shard ``k``; out of descriptors, close all our maps and try once more."""
+        s = self._shards[k]
+        try:
+            return _open_tokens(s)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._arrays:
+                raise _unreadable(s.path, e) from e
+            self._arrays.clear()  # other code holds the rest: give ours back, then retry
+        except _READ_ERRORS as e:
+            raise _unreadable(s.path, e) from e
+        try:
+            return _open_tokens(s)
+        except _READ_ERRORS as e:
+            raise _unreadable(s.path, e) from e
+
+    def _id_ranges(self) -> list[tuple[int, int]]:
+        """(smallest, largest) token id per shard, cached in ``root/.shard-stats.json``.
+
+        Reading a 100 GB dataset on every start would cost minutes; an entry keyed by relative
+        path, size, mtime_ns and dtype costs a stat, and a changed shard is read again.
+        """
+        cache_path = self._stats_root / STATS_NAME
+        entries = _load_stats(cache_path)
+        root = os.path.abspath(self._stats_root)
+        ranges: list[tuple[int, int]] = []
+        changed = False
+        for s in self._shards:
+            key = Path(os.path.relpath(os.path.abspath(s.path), root)).as_posix()
+            try:
+                st = s.path.stat()
+                entry = entries.get(key)
+                if not _fresh_stats(entry, st, s.dtype):
+                    entry = [st.st_size, st.st_mtime_ns, s.dtype.str, *_id_range(s)]
+                    entries[key] = entry
+                    changed = True
+            except _READ_ERRORS as e:
+                raise _unreadable(s.path, e) from e
+            ranges.append((entry[3], entry[4]))
+        if changed:
+            _save_stats(cache_path, entries)
+        return ranges
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise one ``DataError`` line if a token id cannot index ``vocab_size`` embeddings.
+
+        Unchecked, such an id ends deep in the model as ``IndexError: index out of range in
+        self`` (a device-side assert on a GPU) naming no file. Usual causes: shards made with
+        another tokenizer, or uint32 ``.bin`` data read as uint16. Ids are cached per shard.
+        """
+        if vocab_size < 1:
+            raise DataError(f"vocab_size={vocab_size} must be >= 1")
+        ranges = self._id_ranges()
+        bad = [k for k, (lo, hi) in enumerate(ranges) if lo < 0 or hi >= vocab_size]
+        if bad:
+            lo, hi = ranges[bad[0]]
+            raise _vocab_error(self._shards[bad[0]], lo, hi, vocab_size, len(bad) - 1)
 
     def __getitem__(self, i: int) -> np.ndarray:
         n = len(self)

@@ -93,5 +93,5 @@ class Engine(Collectives, Protocol):
         ...
 
     def finish(self) -> None:
-        """End of a run (trackers, process groups stay up for the next curriculum stage)."""
+        """After the last stage of the run (torch: ends the process group)."""
         ...

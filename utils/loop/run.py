@@ -26,6 +26,7 @@ def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
             run_curriculum(config, partial(train, engine=engine), engine, engine.merge)
         else:
             train(config, engine)
+        engine.finish()  # after the last stage: it may end the process group
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

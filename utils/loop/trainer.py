@@ -72,7 +72,7 @@ def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
 
 
 def _quiet(*_: object, **__: object) -> None:
-    """Processes other than the main one print nothing."""
+    """Processes other than a machine's main one print nothing."""
 
 
 class Trainer:
@@ -81,7 +81,8 @@ class Trainer:
     def __init__(self, config: TrainingConfig, engine: Engine) -> None:
         self.config, self.engine = config, engine
         self.main = engine.is_main_process
-        self.say = print if self.main else _quiet
+        # Each machine's console shows the run (its local main process prints).
+        self.say = print if engine.is_local_main_process else _quiet
         self.output_dir = Path(config.effective_output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
 
@@ -257,7 +258,6 @@ class Trainer:
                                            self.output_dir / "merged")
                 self.say(f"merged model (base + adapters) written to {merged}")
             self.engine.wait_for_everyone()
-        self.engine.finish()
         summary, table = run_summary(
             config=config, state=self.state, start_step=start_step, start_tokens=start_tokens,
             elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
