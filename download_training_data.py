@@ -3,7 +3,9 @@
 
 Re-running is cheap: files whose size and crc32c already match are skipped without being
 downloaded or re-hashed, so this is safe to call before every training run. Local files are
-never deleted; a stale one is replaced only by a verified download.
+never deleted; a stale one is replaced only by a verified download (hidden temporaries that
+an interrupted run left behind are removed). A bucket prefix that holds no objects is an
+error, not an empty success: it is almost always a typo.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.storage import StorageError, open_store, sync_down
+from utils.storage import StorageError, check_credentials_value, open_store, sync_down
 
 DEFAULT_DEST = Path("data/training")
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        # Before anything can echo it: a key's contents pasted where its path belongs.
+        check_credentials_value(args.credentials, "--credentials")
         store = open_store(args.bucket, args.credentials, retry_deadline_s=args.retry_deadline)
         result = sync_down(
             store,

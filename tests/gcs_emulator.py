@@ -154,8 +154,10 @@ class FaultProxy:
     """An HTTP proxy in front of the emulator that answers chosen requests with faults.
 
     faults are consumed in order by requests whose path contains `match`: an HTTP status
-    ("503", "403"), "reset" (the socket is closed with RST, like a dropped connection), or a
-    callable run before the request is forwarded (e.g. restart the emulator mid-upload).
+    ("503", "403"), "reset" (the socket is closed with RST, like a dropped connection),
+    "stall" (the real answer's headers and first half of its body are sent, then nothing until
+    release is set: a transfer caught mid-way, e.g. by a SIGTERM), or a callable run before
+    the request is forwarded (e.g. restart the emulator mid-upload).
     Everything else is forwarded unchanged, so the client talks to a real server throughout;
     delay_s adds a round-trip latency to every request (benches: GCS is not on localhost).
     """
@@ -172,6 +174,7 @@ class FaultProxy:
         self.match = match
         self.delay_s = delay_s
         self.served: list[str | Callable[[], None]] = []
+        self.release = threading.Event()  # lets "stall" answers finish (set by stop())
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
 
@@ -207,11 +210,20 @@ class FaultProxy:
                     return
                 if callable(fault):
                     fault()
-                elif fault is not None:
+                elif fault is not None and fault != "stall":
                     payload = json.dumps({"error": {"code": int(fault), "message": "injected"}})
                     self._reply(int(fault), [("Content-Type", "application/json")],
                                 payload.encode())
                     return
+                status, headers_out, data = self._forward(body)
+                if fault == "stall":
+                    self._reply(status, headers_out, data[: len(data) // 2], len(data))
+                    proxy.release.wait(timeout=120)
+                    self.close_connection = True
+                    return
+                self._reply(status, headers_out, data)
+
+            def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port,
                                                   timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
@@ -228,16 +240,18 @@ class FaultProxy:
                     (k, v.replace(origin, proxy.url) if k.lower() == "location" else v)
                     for k, v in resp.getheaders() if k.lower() not in skip
                 ]
-                self._reply(resp.status, headers_out, data)
                 conn.close()
+                return resp.status, headers_out, data
 
-            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes,
+                       length: int | None = None) -> None:
                 self.send_response(status)
                 for key, value in headers:
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(data) if length is None else length))
                 self.end_headers()
                 self.wfile.write(data)
+                self.wfile.flush()
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
@@ -246,6 +260,7 @@ class FaultProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        self.release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

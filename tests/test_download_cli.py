@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,3 +158,82 @@ def test_cli_without_any_credentials(tmp_path: Path, run_cli: Run) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1
     assert "no usable Google credentials" in lines[0] and "--credentials" in lines[0]
+
+
+def test_cli_mistyped_prefix_fails_and_names_what_exists(
+    gcs_bucket: str, tmp_path: Path, run_cli: Run
+) -> None:
+    sync_up(_fill(tmp_path / "src"), open_store(gcs_bucket), "datasets/v1", progress=False)
+    dest = tmp_path / "dest"
+    proc = run_cli("--bucket", f"{gcs_bucket}/datasets/v2", "--dest", str(dest))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {gcs_bucket}/datasets/v2: no objects under this prefix")
+    assert "check the bucket URL and prefix" in lines[0]
+    assert f"found instead: {gcs_bucket}/datasets/v1/" in lines[0]
+    assert not dest.exists()
+
+    typo = run_cli("--bucket", f"{gcs_bucket}/datasts", "--dest", str(dest))
+    assert typo.returncode == 2 and f"found instead: {gcs_bucket}/datasets/)" in typo.stderr
+
+    mine = _fill(tmp_path / "mine")  # a full local folder: still an error, nothing touched
+    before = {p: p.stat().st_mtime_ns for p in mine.rglob("*")}
+    again = run_cli("--bucket", f"{gcs_bucket}/datasets/v1", "--prefix", "corpsu/",
+                    "--dest", str(mine))
+    assert again.returncode == 2 and f"{gcs_bucket}/datasets/v1/corpsu/" in again.stderr
+    assert f"{gcs_bucket}/datasets/v1/corpus/" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in mine.rglob("*")} == before
+
+
+def test_cli_sigterm_leftovers_are_removed_by_the_next_sync(
+    gcs_bucket: str, gcs_emulator: GcsEmulator, tmp_path: Path, run_cli: Run
+) -> None:
+    """A sync killed mid-download keeps its temporaries; the next one removes them."""
+    src = _fill(tmp_path / "src")
+    for name in ("big/a.bin", "big/b.bin"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(os.urandom(4 * 2**20))
+    sync_up(src, open_store(gcs_bucket), "data", progress=False)
+    dest = tmp_path / "dest"
+    # Both big downloads get half their bytes, then the connection stalls.
+    proxy = FaultProxy(gcs_emulator.url, ["stall", "stall"], match="%2Fbig%2F")
+    proxy.start()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--no-progress", "--bucket", f"{gcs_bucket}/data",
+             "--dest", str(dest), "--workers", "2"],
+            cwd=tmp_path, env=dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        # Half of each file has arrived (all but the writer's last unflushed buffer).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _part_bytes(dest) < 2 * (2 * 2**20 - 2**16):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proxy.stop()
+    left = _part_bytes(dest)
+    assert left >= 2 * (2 * 2**20 - 2**16), "the interrupted sync should have left temporaries"
+
+    full = run_cli("--bucket", f"{gcs_bucket}/data", "--dest", str(dest))
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.strip().endswith(
+        f"removed 2 stale temporary file(s) of interrupted syncs ({left / 1e6:.1f} MB freed)"
+    )
+    _assert_synced(dest)  # every file in place and no .part- file anywhere
+    assert (dest / "big/a.bin").read_bytes() == (src / "big/a.bin").read_bytes()
+
+
+def _part_bytes(root: Path) -> int:
+    """Bytes in .part- temporaries under root (ones renamed away meanwhile count 0)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            if ".part-" in name:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    pass
+    return total

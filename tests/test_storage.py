@@ -19,6 +19,7 @@ from utils.storage import (
     CACHE_FILE,
     GcsStore,
     LocalStore,
+    ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     ProgressFn,
@@ -93,8 +94,10 @@ class Delegate(Store):
     def exists(self, name: str) -> bool:
         return self.inner.exists(name)
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
-        return self.inner.upload_file(local, name, crc32c=crc32c)
+    def upload_file(
+        self, local: Path, name: str, *, crc32c: str | None = None, if_absent: bool = False
+    ) -> ObjectInfo:
+        return self.inner.upload_file(local, name, crc32c=crc32c, if_absent=if_absent)
 
     def download_file(
         self,
@@ -109,8 +112,8 @@ class Delegate(Store):
     def read_bytes(self, name: str) -> bytes:
         return self.inner.read_bytes(name)
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        self.inner.write_bytes(name, data)
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+        self.inner.write_bytes(name, data, if_absent=if_absent)
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)
@@ -214,6 +217,68 @@ def test_missing_object_download(store: Store, tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*nope*"))
 
 
+def test_if_absent_writes_never_replace(store: Store, tmp_path: Path) -> None:
+    store.write_bytes("ckpt/COMPLETE.json", b"first", if_absent=True)
+    with pytest.raises(ObjectExists, match="ckpt/COMPLETE.json already exists") as err:
+        store.write_bytes("ckpt/COMPLETE.json", b"second", if_absent=True)
+    assert "\n" not in str(err.value) and store.url in str(err.value)
+    assert store.read_bytes("ckpt/COMPLETE.json") == b"first"
+    store.write_bytes("ckpt/COMPLETE.json", b"third")  # the default still replaces
+    assert store.read_bytes("ckpt/COMPLETE.json") == b"third"
+
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(70_000))
+    second.write_bytes(os.urandom(70_000))
+    info = store.upload_file(first, "ckpt/model.bin", if_absent=True)
+    assert info.crc32c == file_crc32c(first)
+    with pytest.raises(ObjectExists, match="ckpt/model.bin already exists"):
+        store.upload_file(second, "ckpt/model.bin", if_absent=True)
+    out = tmp_path / "out.bin"
+    store.download_file("ckpt/model.bin", out)
+    assert out.read_bytes() == first.read_bytes()
+    assert {o.name for o in store.list()} == {"ckpt/COMPLETE.json", "ckpt/model.bin"}
+    store.upload_file(second, "ckpt/model.bin")
+    store.download_file("ckpt/model.bin", out)
+    assert out.read_bytes() == second.read_bytes()
+    if isinstance(store, LocalStore):
+        assert not _parts(store.root)  # the losing writes left no temporaries
+
+
+def test_if_absent_large_upload_gcs(gcs_bucket: str, tmp_path: Path) -> None:
+    """Over 8 MiB the client uses a resumable upload: the precondition must hold there too."""
+    store = open_store(gcs_bucket, retry_deadline_s=10)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(9 * 2**20))
+    store.upload_file(big, "big.bin", if_absent=True)
+    with pytest.raises(ObjectExists, match="412"):
+        store.upload_file(big, "big.bin", if_absent=True)
+
+
+def test_if_absent_races_have_one_winner(tmp_path: Path) -> None:
+    """Eight threads create the same local object at once: exactly one write lands."""
+    store = LocalStore(tmp_path)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        barrier.wait()
+        try:
+            store.write_bytes("marker", str(i).encode(), if_absent=True)
+            outcomes.append(f"won {i}")
+        except ObjectExists:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(winners) == 1 and outcomes.count("lost") == 7
+    assert store.read_bytes("marker") == winners[0].split()[1].encode()
+    assert not _parts(tmp_path)
+
+
 def test_check_access(store: Store) -> None:
     store.check_access()
     store.check_access(write=True)
@@ -293,6 +358,89 @@ def test_max_files_prefix_and_dry_run(filled: Store, tmp_path: Path) -> None:
     assert some.transferred == 2
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.bin"))
     assert files == ["shards/train/00000.bin", "shards/train/00001.bin"]
+
+
+def test_empty_or_mistyped_prefix_is_an_error(filled: Store, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    with pytest.raises(StorageError) as err:
+        sync_down(filled, dest, "shardz/", progress=False)
+    message = str(err.value)
+    assert "\n" not in message and f"{filled.url}/shardz/" in message
+    assert "no objects" in message and "check the bucket URL and prefix" in message
+    assert f"{filled.url}/shards/" in message and f"{filled.url}/top.bin" in message
+    assert not dest.exists()
+
+    # The URL form (gs://B/trainng): the listing is of the parent level, here the root.
+    with pytest.raises(StorageError, match="no objects") as err:
+        sync_down(filled.child("shards/trian"), dest, progress=False)
+    assert f"{filled.url}/shards/train/" in str(err.value)
+
+    # An existing, non-empty local folder does not make an empty remote look like success.
+    _make_tree(dest, {"mine.txt": 10})
+    before = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*"))
+    with pytest.raises(StorageError, match="no objects"):
+        sync_down(filled, dest, "nothing-here/", progress=False)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == before
+
+
+def test_empty_bucket_is_an_error(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="no objects under this prefix") as err:
+        sync_down(store, tmp_path / "dest", progress=False)
+    assert "found instead" not in str(err.value)
+
+
+def _plant(path: Path, size: int, age_s: float) -> Path:
+    """A file of size bytes whose mtime is age_s seconds ago (negative: in the future)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"p" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_sync_removes_stale_temporaries_only(filled: Store, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    stale = [
+        _plant(dest / ".top.bin.part-0123abcd", 3000, 3600),
+        _plant(dest / "shards/train/.00000.bin.part-deadbeef", 50_000, 60),
+        _plant(dest / "..sync-cache.json.part-00ff00ff", 100, 5),
+    ]
+    kept = [
+        _plant(dest / ".top.bin.part-0123abcd9", 10, 3600),  # not 8 hex digits
+        _plant(dest / ".notes.part-xyzxyzxy", 10, 3600),
+        _plant(dest / "top.part-12345678", 10, 3600),  # not hidden: someone's file
+        _plant(dest / ".hidden/.x.bin.part-12345678", 10, 3600),  # hidden folder: not ours
+        _plant(dest / ".empty.txt.part-cafef00d", 10, -30),  # written since the sync began
+        _plant(tmp_path / "elsewhere/.top.bin.part-0123abcd", 10, 3600),  # not under dest
+    ]
+    dry = sync_down(filled, dest, dry_run=True, progress=False)
+    assert (dry.cleaned, dry.cleaned_bytes) == (3, 53_100)
+    assert all(p.exists() for p in stale)  # a dry run changes nothing
+
+    result = sync_down(filled, dest, progress=False)
+    assert (result.transferred, result.failed) == (len(TREE), [])
+    assert (result.cleaned, result.cleaned_bytes) == (3, 53_100)
+    assert result.summary("downloaded").endswith(
+        "failed 0, removed 3 stale temporary file(s) of interrupted syncs (0.1 MB freed)"
+    )
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    again = sync_down(filled, dest, progress=False)
+    assert again.cleaned == 0 and "removed" not in again.summary("downloaded")
+
+
+def test_sync_leaves_a_concurrent_syncs_temporaries(filled: Store, tmp_path: Path) -> None:
+    """Another process syncing into the same folder holds the lock: its files are in use."""
+    import fcntl
+
+    from utils.storage.sync import LOCK_FILE
+
+    dest = tmp_path / "dest"
+    busy = _plant(dest / "shards/.00000.bin.part-0badf00d", 1000, 120)
+    with open(dest / LOCK_FILE, "a+b") as other:
+        fcntl.flock(other, fcntl.LOCK_SH)  # what a running sync holds
+        result = sync_down(filled, dest, progress=False)
+    assert result.cleaned == 0 and busy.exists()
+    assert sync_down(filled, dest, progress=False).cleaned == 1 and not busy.exists()
 
 
 def test_sync_never_deletes_and_reports_conflicts(filled: Store, tmp_path: Path) -> None:

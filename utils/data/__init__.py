@@ -11,8 +11,10 @@ from utils.data.sampler import (
 from utils.data.shards import (
     BIN_DTYPES,
     HOW_TO_GET_DATA,
+    MAX_OPEN_SHARDS,
     META_NAME,
     SHARD_SUFFIXES,
+    STATS_NAME,
     TokenWindows,
     find_shards,
     read_dataset_meta,
@@ -20,7 +22,7 @@ from utils.data.shards import (
 from utils.errors import DataError
 
 __all__ = [
-    "BIN_DTYPES", "HOW_TO_GET_DATA", "META_NAME", "SHARD_SUFFIXES", "DataError", "DataPosition",
-    "TokenWindows", "WindowBatchSampler", "find_shards", "group_by_length", "position_after",
-    "read_dataset_meta", "train_eval_split",
+    "BIN_DTYPES", "HOW_TO_GET_DATA", "MAX_OPEN_SHARDS", "META_NAME", "SHARD_SUFFIXES",
+    "STATS_NAME", "DataError", "DataPosition", "TokenWindows", "WindowBatchSampler",
+    "find_shards", "group_by_length", "position_after", "read_dataset_meta", "train_eval_split",
 ]

@@ -32,6 +32,11 @@ import numpy as np
 from utils.errors import DataError
 from utils.fs import atomic_write
 
+try:  # imported now: with no descriptor left, even an import fails
+    import resource  # Unix only: the open-file limit that errors name
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 SHARD_SUFFIXES = (".npy", ".npz", ".bin")
 META_NAME = "dataset.json"
 BIN_DTYPES = ("uint16", "uint32")
@@ -255,9 +260,7 @@ def _inspect(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Sha
 
 def _open_file_limit() -> int | None:
     """This process's soft limit on open files (``ulimit -n``); None if unlimited or unknown."""
-    try:
-        import resource  # Unix only
-    except ImportError:
+    if resource is None:
         return None
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return None if soft == resource.RLIM_INFINITY else int(soft)
@@ -312,9 +315,7 @@ def _id_range(s: _Shard) -> tuple[int, int]:
     lo, hi = int(flat[0]), int(flat[0])
     for start in range(0, s.num_tokens, step):
         chunk = flat[start : start + step]
-        hi = max(hi, int(chunk.max()))
-        if s.dtype.kind == "i":  # unsigned ids are never negative: skip the second pass
-            lo = min(lo, int(chunk.min()))
+        lo, hi = min(lo, int(chunk.min())), max(hi, int(chunk.max()))
     return lo, hi
 
 

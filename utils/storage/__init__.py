@@ -7,14 +7,23 @@ The GCS client is imported only when a gs:// URL is opened: the GPU machines tra
 local store and do not have google-cloud-storage installed.
 
 Modules: ``base`` (the Store interface, ObjectInfo, errors), ``hashing`` (crc32c/md5 and the
-hash cache), ``local`` and ``gcs`` (the backends), ``credentials`` (Google keys), ``urls``
+hash cache), ``local`` and ``gcs`` (the backends), ``credentials`` (Google keys;
+check_credentials_value refuses a key's contents where its path belongs), ``urls``
 (open_store) and ``sync`` (sync_down/sync_up).
 """
 
 from __future__ import annotations
 
 from utils.errors import StorageError
-from utils.storage.base import ObjectInfo, ObjectNotFound, ProgressFn, RetriesExhausted, Store
+from utils.storage.base import (
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    ProgressFn,
+    RetriesExhausted,
+    Store,
+)
+from utils.storage.credentials import check_credentials_value
 from utils.storage.gcs import GcsStore
 from utils.storage.hashing import CACHE_FILE, HashCache, bytes_crc32c, file_crc32c, file_md5
 from utils.storage.local import LocalStore
@@ -26,6 +35,7 @@ __all__ = [
     "GcsStore",
     "HashCache",
     "LocalStore",
+    "ObjectExists",
     "ObjectInfo",
     "ObjectNotFound",
     "ProgressFn",
@@ -34,6 +44,7 @@ __all__ = [
     "Store",
     "SyncResult",
     "bytes_crc32c",
+    "check_credentials_value",
     "file_crc32c",
     "file_md5",
     "open_store",

@@ -18,6 +18,18 @@ class ObjectNotFound(StorageError):
     """The named object does not exist (the store itself is reachable)."""
 
 
+class ObjectExists(StorageError):
+    """A write with if_absent=True found the object already there; nothing was replaced."""
+
+
+def _exists_error(url: str, name: str, detail: str = "") -> ObjectExists:
+    """The one line for an if_absent write that lost: which object, and what to do."""
+    return ObjectExists(
+        f"{url}/{name} already exists{detail} and was not replaced (written only if absent); "
+        "write it under a new name, or delete the old object first if it is stale"
+    )
+
+
 class RetriesExhausted(StorageError):
     """Transient errors outlasted the retry deadline; later transfers would fail the same way."""
 
@@ -44,6 +56,12 @@ def _visible(rel: str) -> bool:
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def _hint_levels(key: str) -> list[str]:
+    """Where to look for what a key that holds nothing was meant to be: its parent, the root."""
+    parent = key.rstrip("/").rpartition("/")[0]
+    return [parent, ""] if parent else [""]
 
 
 def _safe_local_path(root: Path, name: str) -> Path:
@@ -100,8 +118,15 @@ class Store(ABC):
         """Whether the object exists."""
 
     @abstractmethod
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
-        """Upload and verify remote crc32c == local crc32c (pass crc32c if already known)."""
+    def upload_file(
+        self, local: Path, name: str, *, crc32c: str | None = None, if_absent: bool = False
+    ) -> ObjectInfo:
+        """Upload and verify remote crc32c == local crc32c (pass crc32c if already known).
+
+        if_absent: create the object only if no object has that name (a GCS generation
+        precondition, so two writers never silently replace each other); ObjectExists if
+        one does. Without it an existing object is replaced.
+        """
 
     @abstractmethod
     def download_file(
@@ -123,8 +148,11 @@ class Store(ABC):
         """A small object's content; ObjectNotFound if missing."""
 
     @abstractmethod
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a small object (atomically: readers see the old or the new content)."""
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write a small object (atomically: readers see the old or the new content).
+
+        if_absent: as for upload_file, ObjectExists instead of replacing an existing object.
+        """
 
     @abstractmethod
     def delete(self, name: str) -> None:
@@ -133,6 +161,14 @@ class Store(ABC):
     @abstractmethod
     def check_access(self, write: bool = False) -> None:
         """Raise StorageError unless the store exists and is readable (and writable)."""
+
+    def nearby(self, prefix: str, limit: int = 5) -> list[str]:
+        """Up to limit URLs that do exist next to prefix (its parent level, else the root).
+
+        Only a hint for the error about a prefix that holds nothing (a typo such as
+        gs://B/trainng), so one cheap listing per level and [] when there is nothing to say.
+        """
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

@@ -27,6 +27,9 @@ ENV_VAR = "GOOGLE_APPLICATION_CREDENTIALS"
 # value cannot name a file, and a key pasted in (or base64-encoded) is usually that long.
 _MAX_PATH_CHARS = 4096
 _MAX_NAME_BYTES = 255
+# A key passed base64-encoded (as some CI secret stores hand it over) has no newline or brace:
+# over 1024 characters of nothing but the base64 alphabet is no file path anyone uses.
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=_-]{1025,}$")
 
 # The credential file types google-auth can load; anything else is not a Google key.
 _KEY_TYPES = {
@@ -53,6 +56,7 @@ def _not_a_path(value: str) -> bool:
         or "\0" in value
         or "private_key" in value
         or len(value) > _MAX_PATH_CHARS
+        or _BASE64_RE.match(value.strip()) is not None
         or any(len(part.encode(errors="replace")) > _MAX_NAME_BYTES
                for part in re.split(r"[/\\]", value))
     )
@@ -89,8 +93,7 @@ def _resolve_key_file(credentials: str, source: str) -> Path:
         ) from None
     raise StorageError(
         f"credentials file {credentials} (from {source}) not found (also looked in "
-        f"{CREDENTIALS_DIR}); "
-        "put the service-account key there (chmod 600) or pass its full path"
+        f"{CREDENTIALS_DIR}); put the service-account key there (chmod 600) or {_fix(source)}"
     )
 
 
@@ -107,8 +110,15 @@ def _read_key_type(key: Path, source: str) -> tuple[dict[str, Any], str]:
     """The key's JSON and its type; a file that is no Google key is named, never quoted."""
     where = f"credentials file {key} (from {source})"
     try:
-        info = json.loads(key.read_text())
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raw = key.read_bytes()
+    except OSError as exc:
+        raise StorageError(
+            f"{where} cannot be read ({exc.strerror or type(exc).__name__}); fix its "
+            f"permissions (chmod 600, owned by this user) or {_fix(source)}"
+        ) from None
+    try:
+        info = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise StorageError(
             f"{where} is not a JSON key ({type(exc).__name__}); download a new JSON key for "
             f"the service account and {_fix(source)}"

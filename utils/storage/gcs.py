@@ -21,6 +21,8 @@ from utils.storage.base import (
     ProgressFn,
     RetriesExhausted,
     Store,
+    _exists_error,
+    _hint_levels,
     _join,
     _short,
     _tmp_name,
@@ -111,6 +113,8 @@ class GcsStore(Store):
                     "check the --bucket URL (and the project) or create the bucket"
                 ) from exc
             raise ObjectNotFound(f"{where} does not exist (404); check the name") from exc
+        except gexc.PreconditionFailed as exc:  # only if_absent writes set a precondition
+            raise _exists_error(self.url, name or "", " (412 precondition failed)") from exc
         except (gexc.Forbidden, gexc.Unauthorized) as exc:
             raise StorageError(
                 f"gs://{self.bucket_name}: access denied ({exc.code}) for {where}; grant this "
@@ -166,18 +170,22 @@ class GcsStore(Store):
                 self._bucket.blob(self._key(name)).exists(retry=self._retry, timeout=self._timeout)
             )
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+    def upload_file(
+        self, local: Path, name: str, *, crc32c: str | None = None, if_absent: bool = False
+    ) -> ObjectInfo:
         local = Path(local)
         crc = crc32c or file_crc32c(local)
         blob = self._bucket.blob(self._key(name))
 
         def upload() -> None:
             # A plain Retry (not the conditional default) so uploads are retried too: the
-            # same bytes overwrite the same name, which is idempotent for our use.
+            # same bytes overwrite the same name, which is idempotent for our use. With
+            # if_absent, generation 0 means "no live object": GCS answers 412 otherwise.
             blob.upload_from_filename(
                 str(local),
                 checksum="crc32c",
                 crc32c_checksum_value=crc,
+                if_generation_match=0 if if_absent else None,
                 retry=self._retry,
                 timeout=self._timeout,
             )
@@ -241,11 +249,15 @@ class GcsStore(Store):
                 )
             )
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
         blob = self._bucket.blob(self._key(name))
         with self._errors(name):
             blob.upload_from_string(
-                data, checksum="crc32c", retry=self._retry, timeout=self._timeout
+                data,
+                checksum="crc32c",
+                if_generation_match=0 if if_absent else None,
+                retry=self._retry,
+                timeout=self._timeout,
             )
         if blob.crc32c != bytes_crc32c(data):
             raise StorageError(f"{self.url}/{name}: stored crc32c does not match; write it again")
@@ -256,6 +268,31 @@ class GcsStore(Store):
                 self._bucket.blob(self._key(name)).delete(retry=self._retry, timeout=self._timeout)
         except ObjectNotFound:
             pass
+
+    def nearby(self, prefix: str, limit: int = 5) -> list[str]:
+        for level in _hint_levels(self._key(prefix.lstrip("/"))):
+            try:
+                found = self._one_level(f"{level}/" if level else "", limit)
+            except StorageError:
+                return []  # only a hint: the caller's own error says what is wrong
+            if found:
+                return found
+        return []
+
+    def _one_level(self, key: str, limit: int) -> list[str]:
+        """Folders, then objects, directly under key: one delimiter listing, first page."""
+        with self._errors():
+            pages = self._client.list_blobs(
+                self.bucket_name, prefix=key or None, delimiter="/", page_size=100,
+                retry=self._retry, timeout=self._timeout,
+            ).pages
+            page = next(pages, None)
+            if page is None:
+                return []
+            objects = [blob.name for blob in page]
+            names = sorted(page.prefixes) + objects
+        names = [n for n in names if not n[len(key):].startswith(".") and n != key]
+        return [f"gs://{self.bucket_name}/{n}" for n in names[:limit]]
 
     def check_access(self, write: bool = False) -> None:
         with self._errors():

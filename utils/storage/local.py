@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -13,6 +14,8 @@ from utils.storage.base import (
     ObjectNotFound,
     ProgressFn,
     Store,
+    _exists_error,
+    _hint_levels,
     _join,
     _safe_local_path,
     _tmp_name,
@@ -20,6 +23,31 @@ from utils.storage.base import (
     _visible,
 )
 from utils.storage.hashing import _CHUNK, HashCache, file_crc32c
+
+
+def _link_new(tmp: Path, final: Path) -> bool:
+    """Publish a finished temporary as final only if final does not exist yet.
+
+    A hard link is atomic and fails if the name is taken, so readers never see a partial
+    file and two writers cannot both win; file systems without hard links fall back to an
+    O_EXCL create plus copy. False when final already exists.
+    """
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    try:
+        with open(tmp, "rb") as src, open(final, "xb") as dst:
+            _copy_stream(src, dst, None)
+            dst.flush()
+            os.fsync(dst.fileno())
+    except FileExistsError:
+        return False
+    return True
 
 
 def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: ProgressFn | None) -> None:
@@ -80,7 +108,9 @@ class LocalStore(Store):
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+    def upload_file(
+        self, local: Path, name: str, *, crc32c: str | None = None, if_absent: bool = False
+    ) -> ObjectInfo:
         local = Path(local)
         crc = crc32c or file_crc32c(local)
         final = self._path(name)
@@ -95,7 +125,10 @@ class LocalStore(Store):
                     f"{self.url}/{name}: stored copy has crc32c {got}, expected {crc} "
                     f"({local} changed while uploading?); upload it again"
                 )
-            os.replace(tmp, final)
+            if not if_absent:
+                os.replace(tmp, final)
+            elif not _link_new(tmp, final):
+                raise _exists_error(self.url, name)
         finally:
             tmp.unlink(missing_ok=True)
         self._cache.record(name, final.stat(), crc, None)
@@ -132,13 +165,39 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"{self.url}/{name} does not exist; check the name") from exc
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
         final = self._path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(final, data)
+        if not if_absent:
+            atomic_write(final, data)
+            return
+        tmp = _tmp_name(final)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if not _link_new(tmp, final):
+                raise _exists_error(self.url, name)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def nearby(self, prefix: str, limit: int = 5) -> list[str]:
+        key = _join(self.prefix, prefix.lstrip("/"))
+        for level in _hint_levels(key):
+            try:
+                folder = _safe_local_path(self.base, level) if level else self.base
+                with os.scandir(folder) as it:
+                    entries = sorted((e for e in it if not e.name.startswith(".")),
+                                     key=lambda e: e.name)
+            except (OSError, StorageError):
+                continue  # only a hint: an unreadable or unsafe level has nothing to say
+            if entries:
+                return [f"{e.path}/" if e.is_dir() else e.path for e in entries[:limit]]
+        return []
 
     def check_access(self, write: bool = False) -> None:
         if write:

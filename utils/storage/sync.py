@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -25,6 +28,19 @@ from utils.storage.base import (
 )
 from utils.storage.hashing import HashCache
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, so stale temporaries are never removed
+    fcntl = None  # type: ignore[assignment]
+
+_EXCLUSIVE = fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl is not None else 1
+_SHARED = fcntl.LOCK_SH if fcntl is not None else 0
+
+# A sync holds this (hidden, so never listed or uploaded) for its duration; see _sync_lock.
+LOCK_FILE = ".sync-lock"
+# What _tmp_name and utils.fs.atomic_write name their temporaries: .NAME.part-<8 hex>.
+_PART_RE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
+
 
 @dataclass
 class SyncResult:
@@ -36,14 +52,19 @@ class SyncResult:
     failed: list[str] = field(default_factory=list)
     hashed: int = 0
     dry_run: bool = False
+    cleaned: int = 0  # stale temporaries of interrupted syncs removed from the destination
+    cleaned_bytes: int = 0
 
     def summary(self, verb: str) -> str:
-        """E.g. 'downloaded 3 (1.2 MB), skipped 10, failed 0'."""
+        """E.g. 'downloaded 3 (1.2 MB), skipped 10, failed 0[, removed 2 stale ...]'."""
         mb = self.transferred_bytes / 1e6
         line = (
             f"{verb} {self.transferred} ({mb:.1f} MB), "
             f"skipped {self.skipped}, failed {len(self.failed)}"
         )
+        if self.cleaned:
+            line += (f", removed {self.cleaned} stale temporary file(s) of interrupted syncs "
+                     f"({self.cleaned_bytes / 1e6:.1f} MB freed)")
         return f"dry run: would have {line}" if self.dry_run else line
 
 
@@ -143,6 +164,128 @@ def _local_kind(info: ObjectInfo) -> str | None:
     return "md5" if info.md5 is not None else None
 
 
+def _no_objects_error(store: Store, prefix: str) -> StorageError:
+    """A prefix that holds nothing is almost always a typo: name it and what does exist."""
+    url = f"{store.url}/{prefix.lstrip('/')}" if prefix.strip("/") else store.url
+    found = store.nearby(prefix)
+    hint = f" (found instead: {', '.join(found)})" if found else ""
+    return StorageError(
+        f"{url}: no objects under this prefix, so there is nothing to download; check the "
+        f"bucket URL and prefix for a typo{hint}"
+    )
+
+
+def _stale_parts(dest: Path, started: float) -> list[tuple[Path, int]]:
+    """Download temporaries (.NAME.part-XXXXXXXX) under dest last written before started.
+
+    Only that exact pattern, only regular files, never in hidden folders (downloads never
+    go there) and never through symlinks; a temporary written since the sync started may
+    belong to a concurrent writer.
+    """
+    found: list[tuple[Path, int]] = []
+    for dirpath, dirnames, filenames in os.walk(dest):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fname in filenames:
+            if not _PART_RE.match(fname):
+                continue
+            path = Path(dirpath, fname)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < started:
+                found.append((path, st.st_size))
+    return found
+
+
+def _remove_stale_parts(dest: Path, started: float, result: SyncResult) -> None:
+    """Remove what interrupted syncs left (a SIGTERM mid-download keeps its temporary)."""
+    for path, size in _stale_parts(dest, started):
+        if not result.dry_run:
+            try:
+                path.unlink()
+            except OSError:
+                continue  # gone already, or in use (Windows): the next sync tries again
+        result.cleaned += 1
+        result.cleaned_bytes += size
+
+
+def _flock(lock: BinaryIO, mode: int) -> bool:
+    """flock, False if another process holds it (or the file system has no locks)."""
+    if fcntl is None:
+        return mode == _SHARED  # no locks at all: nothing can be shown to be alone
+    try:
+        fcntl.flock(lock, mode)
+        return True
+    except OSError:  # BlockingIOError: held elsewhere; ENOLCK: an NFS without a lock daemon
+        return False
+
+
+@contextmanager
+def _sync_lock(dest: Path, started: float, result: SyncResult) -> Iterator[None]:
+    """Hold dest's lock file shared for the whole sync; remove stale temporaries if alone.
+
+    Another process syncing into the same folder (another node on a shared file system)
+    holds it shared too, so the exclusive try fails and its temporaries are left alone.
+    """
+    if result.dry_run:  # change nothing, not even the lock file: only count
+        if dest.is_dir():
+            _remove_stale_parts(dest, started, result)
+        yield
+        return
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the download folder {dest} ({exc.strerror or type(exc).__name__}); "
+            "choose a writable folder"
+        ) from exc
+    try:
+        lock: BinaryIO | None = open(dest / LOCK_FILE, "a+b")  # closed in finally
+    except OSError:
+        lock = None  # a read-only, complete copy can still be checked: just no clean-up
+    try:
+        if lock is not None and _flock(lock, _EXCLUSIVE):
+            _remove_stale_parts(dest, started, result)
+        if lock is not None:
+            _flock(lock, _SHARED)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _plan_downloads(
+    objects: list[ObjectInfo], dest: Path, cache: HashCache, t: _Transfers, verify: bool,
+    download: Callable[[ObjectInfo, Path], None],
+    check_then_download: Callable[[ObjectInfo, Path, str], None],
+) -> None:
+    """Decide per object: skip (cache says it matches), hash then decide, download, refuse."""
+    for info in objects:
+        try:
+            local = _safe_local_path(dest, info.name)
+            st: os.stat_result | None = local.stat()
+        except StorageError as exc:
+            t.fail(info.name, str(exc))
+            continue
+        except FileNotFoundError:
+            st = None
+        except NotADirectoryError:
+            t.fail(info.name, f"a parent folder of {dest / info.name} is a file; move it")
+            continue
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            t.fail(info.name, f"{local} exists and is not a regular file; move it away")
+            continue
+        kind = _local_kind(info)
+        if st is None or st.st_size != info.size or kind is None:
+            t.plan(info.name, info.size, lambda i=info, p=local: download(i, p))
+        elif not verify and cache.lookup(info.name, st, kind) == getattr(info, kind):
+            t.skip()
+        else:
+            t.plan(info.name, info.size,
+                   lambda i=info, p=local, k=kind: check_then_download(i, p, k))
+
+
 def sync_down(
     store: Store,
     dest: Path,
@@ -160,9 +303,14 @@ def sync_down(
     no crc32c) match is skipped without a byte transferred; its hash comes from the dest cache
     unless the file changed or verify=True. Everything else downloads to a temporary and is
     renamed into place only after it verifies. Objects without any hash are always fetched.
+    A prefix with no objects is a StorageError (a typo must not look like a finished sync),
+    and temporaries that interrupted syncs left in dest are removed first.
     """
+    started = time.time()
     dest = Path(dest)
     objects = sorted(store.list(prefix), key=lambda o: o.name)
+    if not objects:
+        raise _no_objects_error(store, prefix)
     if max_files is not None:
         objects = objects[: max(0, max_files)]
     cache = HashCache(dest)
@@ -181,36 +329,13 @@ def sync_down(
         else:
             download(info, local)
 
-    try:
-        for info in objects:
-            try:
-                local = _safe_local_path(dest, info.name)
-                st: os.stat_result | None = local.stat()
-            except StorageError as exc:
-                t.fail(info.name, str(exc))
-                continue
-            except FileNotFoundError:
-                st = None
-            except NotADirectoryError:
-                t.fail(info.name, f"a parent folder of {dest / info.name} is a file; move it")
-                continue
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                t.fail(info.name, f"{local} exists and is not a regular file; move it away")
-                continue
-            kind = _local_kind(info)
-            if st is None or st.st_size != info.size or kind is None:
-                t.plan(info.name, info.size, lambda i=info, p=local: download(i, p))
-            elif not verify and cache.lookup(info.name, st, kind) == getattr(info, kind):
-                t.skip()
-            else:
-                t.plan(
-                    info.name, info.size,
-                    lambda i=info, p=local, k=kind: check_then_download(i, p, k),
-                )
-        result = t.run()
-    finally:
-        if not dry_run:
-            cache.save()
+    with _sync_lock(dest, started, t.result):
+        try:
+            _plan_downloads(objects, dest, cache, t, verify, download, check_then_download)
+            result = t.run()
+        finally:
+            if not dry_run:
+                cache.save()
     result.hashed = cache.hashed
     return result
 
