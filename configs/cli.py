@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from configs.model_config import LORA_TARGETS, MODEL_SIZES
 from configs.training_config import PRESETS, QUANT_BITS, TrainingConfig
 from utils.errors import ConfigError
+from utils.secrets import credentials_problem
 
 BUCKET_ENV = "HARNESS_BUCKET"
 
@@ -99,6 +100,9 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           f"or use --no-sync-data with data already in --data-dir")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
+    problem = credentials_problem(config.credentials, "--credentials")
+    if problem:
+        raise ConfigError(problem)
     if config.quantize_bits and config.stage == "pretrain" and not config.topics:
         raise ConfigError("--quantize-bits applies to LoRA stages (a frozen base); use it with "
                           "--stage sft or dpo")

@@ -6,7 +6,7 @@ Every field is also a command-line flag under its own name with dashes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
@@ -68,11 +68,20 @@ class TrainingConfig:
     upload_timeout_s: float = 60.0  # bounded wait for uploads after SIGTERM
     final_upload_timeout_s: float = 3600.0  # at the normal end of training
     resume: str = ""
+    # A run name that already has checkpoints is refused without --resume; --overwrite
+    # deletes them (locally and in the bucket) and starts over.
+    overwrite: bool = False
+    allow_seed_change: bool = False  # resume with another --seed (order and eval split change)
     peak_tflops: float = 0.0
 
     @property
     def effective_output_dir(self) -> str:
         return self.output_dir or f"outputs/{self.run_name}"
+
+    def record(self) -> dict:
+        """The config as checkpoints and TensorBoard record it: never a credentials value
+        (a pasted key would otherwise be written into every checkpoint and event file)."""
+        return {**asdict(self), "credentials": "(set)" if self.credentials else ""}
 
     @property
     def lora_targets(self) -> list[str]:
@@ -84,7 +93,7 @@ PRESETS: dict[str, TrainingConfig] = {
     # Tiny GPT-NeoX on the bundled sample, a local directory as the bucket:
     # the whole harness end to end in about two minutes on 2 CPU cores.
     "smoke": TrainingConfig(
-        run_name="smoke", data_dir="data/training/sample", bucket="bucket",
+        run_name="smoke", data_dir="data/training/sample", bucket="bucket", overwrite=True,
         max_steps=150, per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=15,
         logging_steps=10, eval_steps=50, eval_windows=32, save_steps=50,
     ),

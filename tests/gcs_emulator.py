@@ -174,6 +174,7 @@ class FaultProxy:
         self.match = match
         self.delay_s = delay_s
         self.served: list[str | Callable[[], None]] = []
+        self.requests: list[str] = []  # "METHOD path?query" of every request, in order
         self.release = threading.Event()  # lets "stall" answers finish (set by stop())
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -183,8 +184,9 @@ class FaultProxy:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def _next_fault(self, path: str) -> str | Callable[[], None] | None:
+    def _next_fault(self, method: str, path: str) -> str | Callable[[], None] | None:
         with self._lock:
+            self.requests.append(f"{method} {path}")
             if self.match in path and self.faults:
                 fault = self.faults.pop(0)
                 self.served.append(fault)
@@ -200,7 +202,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy._next_fault(self.path)
+                fault = proxy._next_fault(self.command, self.path)
                 time.sleep(proxy.delay_s)
                 if fault == "reset":
                     self.connection.setsockopt(

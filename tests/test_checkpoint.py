@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from functools import partial
 from pathlib import Path
 
@@ -327,8 +328,10 @@ def test_marker_is_uploaded_last_and_a_replaced_checkpoint_stops_counting_first(
         proxy.stop()
 
 
-def test_failures_retry_queue_full_waits_and_retention(saved, gcs_emulator, gcs_bucket,
-                                                       monkeypatch):
+def test_failures_retry_and_a_backlog_keeps_the_newest(saved, gcs_emulator, gcs_bucket,
+                                                      monkeypatch):
+    """Upload failures are retried; submitting never waits; behind a slow upload, a newer
+    checkpoint pushes out the oldest waiting one, which stays local (and says so)."""
     _, _, _, path = saved
     direct = open_store(gcs_bucket, retry_deadline_s=20)
     ckpts = _copies(path, [4, 6, 8])
@@ -342,21 +345,27 @@ def test_failures_retry_queue_full_waits_and_retention(saved, gcs_emulator, gcs_
         store = open_store(gcs_bucket, retry_deadline_s=5)
         logs: list[str] = []
         publisher = CheckpointPublisher(store, PREFIX, keep_local=2, remote_keep=2,
-                                        queue_size=1, max_backoff_s=1,
-                                        log=logs.append)
-        for ckpt in ckpts:
-            publisher.submit(ckpt)
-        assert publisher.close(timeout=120), logs
+                                        max_waiting=1, max_backoff_s=1, log=logs.append)
+        publisher.submit(ckpts[0])
+        deadline = time.monotonic() + 30
+        while not proxy.served and time.monotonic() < deadline:  # its upload has begun
+            time.sleep(0.01)
+        began = time.monotonic()
+        publisher.submit(ckpts[1])
+        publisher.submit(ckpts[2])
+        assert time.monotonic() - began < 0.5  # the trainer never waits
+        assert not publisher.close(timeout=120), logs  # one checkpoint stays local
     finally:
         proxy.stop()
-    assert any("upload queue full" in line for line in logs)
-    assert any("failed" in line and "retrying in" in line for line in logs)
-    uploaded = [r.name for r in publisher.history if r.uploaded]
-    assert uploaded == [c.name for c in ckpts]  # nothing dropped, in order
+    assert any("failed" in line and "attempt 2 of 6" in line for line in logs), logs
+    assert [r.name for r in publisher.history if r.uploaded] == [ckpts[0].name, ckpts[2].name]
+    reason = f"uploads fell behind and {ckpts[2].name} is newer"
+    assert publisher.local_only == [(ckpts[1].name, reason)]
+    assert f"checkpoint {ckpts[1].name} not uploaded: {reason}; it stays local" in logs
+    assert all(r.marked for r in publisher.history)  # every one counts locally
     kept = [c.name for c in ckpts[1:]]
     assert [p.name for p in find_complete(path.parent)] == kept
-    assert remote_problems(direct, PREFIX) == dict.fromkeys(kept, "")
-    assert not [o for o in direct.child(PREFIX).list() if o.name.startswith(ckpts[0].name)]
+    assert remote_problems(direct, PREFIX) == {ckpts[0].name: "", ckpts[2].name: ""}
     assert prune(path.parent, 1, protected={kept[0]}) == []  # never one still uploading
 
 

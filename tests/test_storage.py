@@ -244,14 +244,24 @@ def test_if_absent_writes_never_replace(store: Store, tmp_path: Path) -> None:
         assert not _parts(store.root)  # the losing writes left no temporaries
 
 
-def test_if_absent_large_upload_gcs(gcs_bucket: str, tmp_path: Path) -> None:
-    """Over 8 MiB the client uses a resumable upload: the precondition must hold there too."""
+def test_if_absent_large_upload_sends_the_precondition(
+    gcs_bucket: str, fault_proxy: Callable[[list[str], str], FaultProxy], tmp_path: Path
+) -> None:
+    """Over 8 MiB the client starts a resumable upload; the precondition must go with it.
+
+    fake-gcs-server ignores ifGenerationMatch on resumable uploads (it answers 412 only for
+    single-request ones), so this checks what reaches the server: real GCS enforces it.
+    """
+    proxy = fault_proxy([], "none")
     store = open_store(gcs_bucket, retry_deadline_s=10)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(9 * 2**20))
-    store.upload_file(big, "big.bin", if_absent=True)
-    with pytest.raises(ObjectExists, match="412"):
-        store.upload_file(big, "big.bin", if_absent=True)
+    store.upload_file(big, "ckpt/big.bin", if_absent=True)
+    starts = [r for r in proxy.requests if r.startswith("POST ") and "uploadType=resumable" in r]
+    assert len(starts) == 1 and "ifGenerationMatch=0" in starts[0]
+    store.upload_file(big, "ckpt/big.bin")
+    starts = [r for r in proxy.requests if r.startswith("POST ") and "uploadType=resumable" in r]
+    assert len(starts) == 2 and "ifGenerationMatch" not in starts[1]  # default: replace
 
 
 def test_if_absent_races_have_one_winner(tmp_path: Path) -> None:

@@ -8,6 +8,10 @@ engines can raise them without importing each other.
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 
 class HarnessError(Exception):
     """Base of the errors a user can act on; str() is one line naming the problem and fix."""
@@ -40,3 +44,20 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def disk_full(err: BaseException, where: Path | None = None) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC, or a library's wrapped form of it.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer ("file write
+    failed", "unexpected pos"), so a write error counts too when ``where`` has under 64 MiB
+    left.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err):
+        return True
+    try:
+        return where is not None and shutil.disk_usage(where).free < 64 * 2**20
+    except OSError:
+        return False

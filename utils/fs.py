@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -60,3 +62,18 @@ def publish_dir(tmp: Path, final: Path) -> Path:
         tmp.replace(final)
     fsync_dir(final.parent)
     return final
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh hidden folder to write ``final`` in; renamed into place when the block ends,
+    removed when it fails (a full disk, a crash in a writer): nothing half-written remains."""
+    tmp = tmp_dir_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)  # our own write, cut short earlier
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final)

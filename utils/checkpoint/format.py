@@ -55,6 +55,7 @@ class TrainState:
     position: DataPosition = field(default_factory=DataPosition)
     world_size: int = 1
     global_batch_windows: int = 0
+    seed: int | None = None  # the data order and the held-out split derive from it
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -1,14 +1,23 @@
-"""Finishes and uploads checkpoints on a background thread so training does not wait.
+"""Marks checkpoints complete and uploads them on background threads; training never waits.
 
-Per checkpoint, in order: hash the files and write the local marker (the checkpoint now
-counts locally), upload every file that the bucket does not already hold with the same
-checksum, list the bucket again to check every file's size and crc32c, then upload the
-marker last (it now counts remotely), then prune old checkpoints (locally beyond
-``keep_local``, in the bucket beyond ``remote_keep``). Failures are retried with backoff
-until ``close`` gives up; a full queue blocks the trainer (logged), never drops work.
-A checkpoint that is complete locally but was never uploaded (killed, timed out) is picked
-up again by ``catch_up`` at the next start. The upload thread runs at a lower CPU priority
-(nice 10, Linux), so it takes idle CPU rather than the training loop's.
+Two threads, so that marking never waits behind an upload:
+
+* **mark** (in submission order): hash the files and write the local marker, then prune old
+  local checkpoints. A checkpoint counts locally as soon as this is done, whatever happens to
+  its upload. A checkpoint that cannot be marked does not count; the previous one still does.
+* **upload**: re-check every file against the marker (a local copy corrupted since is never
+  uploaded: ``checkpoint X not uploaded: ...; it stays local``), upload what the bucket lacks,
+  list it again to check sizes and crc32c, then the marker last (it now counts remotely), then
+  prune the bucket. Failures are retried with exponential backoff, ``max_attempts`` times in
+  all; then the checkpoint is given up with one line and the next one goes ahead.
+
+The loop is never made to wait. When uploads fall behind (a slow or refusing bucket), at most
+``max_waiting`` checkpoints wait for their turn: a newer one pushes out the oldest waiting one,
+which stays local (the bucket keeps receiving the newest state). Retention never deletes a
+checkpoint that is still waiting or uploading. A checkpoint that is complete locally but not
+in the bucket (killed, timed out, given up) is uploaded again by ``catch_up`` at the next
+start. The upload thread runs at a lower CPU priority (nice 10, Linux), so it takes idle CPU
+rather than the training loop's.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +36,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from utils import checkpoint
-from utils.errors import StorageError
+from utils.errors import StorageError, first_line
 from utils.storage import Store
 
 
@@ -40,52 +50,59 @@ class Published:
     submitted: float = 0.0
     started: float = 0.0
     finished: float = 0.0
-    uploaded: bool = False
+    marked: bool = False    # complete locally
+    uploaded: bool = False  # complete in the bucket
+    reason: str = ""        # why it was not uploaded
 
 
 class CheckpointPublisher:
     """Marks checkpoints complete and uploads them to ``store/remote_prefix/<name>/``."""
 
     def __init__(self, store: Store | None, remote_prefix: str, *, background: bool = True,
-                 keep_local: int = 0, remote_keep: int = 0, queue_size: int = 2,
-                 max_backoff_s: float = 30.0, exit_timeout_s: float = 60.0, nice: int = 10,
+                 keep_local: int = 0, remote_keep: int = 0, max_waiting: int = 2,
+                 max_attempts: int = 6, max_backoff_s: float = 30.0,
+                 exit_timeout_s: float = 60.0, nice: int = 10,
                  log: Callable[[str], None] = print):
         self.store = store
         self.remote_prefix = remote_prefix.strip("/")
         self.background = background
         self.keep_local = keep_local
         self.remote_keep = remote_keep
+        self.max_waiting = max(1, max_waiting)
+        self.max_attempts = max(1, max_attempts)
         self.max_backoff_s = max_backoff_s
         self.exit_timeout_s = exit_timeout_s
         self.nice = nice
         self.log = log
         self.history: list[Published] = []
-        self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=queue_size)
-        self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self._pending: set[str] = set()     # submitted, not yet finished (marking or uploading)
+        self._to_mark: queue.Queue[Path | None] = queue.Queue()
+        self._waiting: deque[Path] = deque()  # marked, waiting for the upload thread
+        self._wake = threading.Condition(self._lock)
         self._stop = threading.Event()  # set by close(): stop retrying, wake a backoff sleep
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if background:
-            self._thread = threading.Thread(target=self._worker, name="ckpt-upload", daemon=True)
-            self._thread.start()
+            for name, target in (("ckpt-mark", self._mark_worker),
+                                 ("ckpt-upload", self._upload_worker)):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
         # An exception out of the training loop still waits (bounded) for earlier uploads.
         atexit.register(self._at_exit)
 
     # --------------------------------------------------------------- trainer side
     def submit(self, ckpt_dir: Path) -> None:
-        """Hand a written checkpoint over; returns at once unless the queue is full."""
+        """Hand a written checkpoint over; returns at once (background) and never blocks."""
         with self._lock:
             self._pending.add(ckpt_dir.name)
             self.history.append(Published(ckpt_dir.name, submitted=time.perf_counter()))
-        if not self.background:
-            self._publish(ckpt_dir)
+        if self.background:
+            self._to_mark.put(ckpt_dir)
             return
-        try:
-            self._queue.put_nowait(ckpt_dir)
-        except queue.Full:
-            self.log(f"upload queue full: waiting for an earlier upload before {ckpt_dir.name}")
-            self._queue.put(ckpt_dir)
+        if self._mark(ckpt_dir) and self.store is not None:
+            self._publish(ckpt_dir)
 
     def catch_up(self, root: Path) -> str | None:
         """Queue the newest local checkpoint if the bucket lacks it (a kill cut its upload)."""
@@ -108,21 +125,41 @@ class CheckpointPublisher:
         with self._lock:
             return sorted(self._pending)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted checkpoint is published; False if ``timeout`` ran out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        total = len(self.pending)
+    @property
+    def local_only(self) -> list[tuple[str, str]]:
+        """(name, reason) of every checkpoint that was marked but not uploaded (with a bucket)."""
+        if self.store is None:
+            return []
+        with self._lock:
+            return [(r.name, r.reason) for r in self.history
+                    if r.marked and not r.uploaded and r.name not in self._pending]
+
+    def wait(self, timeout: float | None = None,
+             interrupted: Callable[[], bool] = lambda: False,
+             after_interrupt_s: float = 0.0) -> bool:
+        """Block until every submitted checkpoint is finished; False if time ran out.
+
+        ``interrupted()`` turning true (a SIGTERM during the wait) shortens the wait to
+        ``after_interrupt_s`` from then.
+        """
+        began = time.monotonic()
+        deadline = None if timeout is None else began + timeout
+        total, cut_short = len(self.pending), False
         with tqdm(total=total, desc="uploading checkpoints", unit="ckpt",
                   disable=total == 0) as bar:
             while self.pending:
-                done = total - len(self.pending)
-                if done != bar.n:
-                    bar.update(done - bar.n)
-                if self._thread is not None and not self._thread.is_alive():
+                bar.update(total - len(self.pending) - bar.n)
+                if not cut_short and interrupted():
+                    cut_short, limit = True, time.monotonic() + after_interrupt_s
+                    deadline = limit if deadline is None else min(deadline, limit)
+                    self.log(f"signal received: waiting at most {after_interrupt_s:.0f} s more "
+                             f"for checkpoint uploads")
+                if any(not t.is_alive() for t in self._threads):
                     self.log(f"the upload thread stopped; not uploaded: {', '.join(self.pending)}")
                     return False
                 if deadline is not None and time.monotonic() > deadline:
-                    self.log(f"gave up waiting for uploads after {timeout:.0f} s; not uploaded: "
+                    self.log(f"gave up waiting for uploads after "
+                             f"{time.monotonic() - began:.0f} s; not uploaded: "
                              f"{', '.join(self.pending)} (complete locally; the next run with "
                              f"the same --output-dir uploads the newest)")
                     return False
@@ -130,16 +167,20 @@ class CheckpointPublisher:
             bar.update(total - bar.n)
         return True
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Wait (bounded) for pending uploads, then stop the thread; True if all were published."""
-        done = self.wait(timeout)
+    def close(self, timeout: float | None = None,
+              interrupted: Callable[[], bool] = lambda: False,
+              after_interrupt_s: float = 0.0) -> bool:
+        """Wait (bounded) for pending work, then stop the threads; True if all of it finished."""
+        done = self.wait(timeout, interrupted, after_interrupt_s)
         self._closed = True
         self._stop.set()
         atexit.unregister(self._at_exit)
-        if self._thread is not None and done:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
-        return done
+        self._to_mark.put(None)
+        with self._wake:
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5 if done else 0.1)
+        return done and not self.local_only
 
     def _at_exit(self) -> None:
         if not self._closed and self.pending:
@@ -147,52 +188,92 @@ class CheckpointPublisher:
             self.close(self.exit_timeout_s)
 
     # --------------------------------------------------------------- worker side
-    def _worker(self) -> None:
-        _lower_priority(self.nice)
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            try:
-                self._publish(item)
-            except Exception as err:  # noqa: BLE001 - one bad checkpoint must not stop the rest
-                self.log(f"publishing {item.name} failed ({err!r})")
-                if item.name in self.pending:
-                    self._finish(item.name, uploaded=False)
-
     def _record(self, name: str) -> Published:
         with self._lock:
             return next(r for r in reversed(self.history) if r.name == name)
 
-    def _finish(self, name: str, uploaded: bool) -> None:
+    def _finish(self, name: str, uploaded: bool, reason: str = "") -> None:
         record = self._record(name)
-        record.finished, record.uploaded = time.perf_counter(), uploaded
         with self._lock:
+            record.finished, record.uploaded, record.reason = time.perf_counter(), uploaded, reason
             self._pending.discard(name)
 
-    def _publish(self, ckpt_dir: Path) -> None:
+    def _mark_worker(self) -> None:
+        while (item := self._to_mark.get()) is not None:
+            try:
+                if self._mark(item) and self.store is not None:
+                    self._enqueue_upload(item)
+            except Exception as err:  # noqa: BLE001 - one bad checkpoint must not stop the rest
+                self.log(f"finishing checkpoint {item.name} failed ({first_line(err)})")
+                self._finish(item.name, uploaded=False, reason=first_line(err))
+
+    def _mark(self, ckpt_dir: Path) -> bool:
+        """Write the marker (unless catch_up handed over a marked one); prune without a bucket."""
         record = self._record(ckpt_dir.name)
         record.started = time.perf_counter()
         try:
-            if not (ckpt_dir / checkpoint.MARKER).exists():  # catch_up hands over finished ones
+            if not (ckpt_dir / checkpoint.MARKER).exists():
                 checkpoint.write_manifest(ckpt_dir)
             record.size = sum(f["size"] for f in checkpoint.read_manifest(ckpt_dir).values())
         except (OSError, checkpoint.CheckpointError) as err:
-            self.log(f"could not finish checkpoint {ckpt_dir.name} ({err}); it does not count, "
-                     f"the previous complete one still does")
+            self.log(f"could not finish checkpoint {ckpt_dir.name} ({first_line(err)}); it does "
+                     f"not count, the previous complete one still does")
+            self._finish(ckpt_dir.name, uploaded=False, reason="not complete")
+            return False
+        record.marked = True
+        if self.store is None:
             self._finish(ckpt_dir.name, uploaded=False)
-            return
-        uploaded = self.store is not None and self._upload_with_retries(ckpt_dir)
-        self._finish(ckpt_dir.name, uploaded)
-        if uploaded:
-            seconds = record.finished - record.started
-            self.log(f"uploaded {ckpt_dir.name} ({record.sent / 1e6:.0f} of "
-                     f"{record.size / 1e6:.0f} MB sent) in {seconds:.1f} s to "
-                     f"{self.store.url}/{self.remote_prefix}")
-        if self.store is None or uploaded:  # keep every local copy that the bucket lacks
-            self._prune(ckpt_dir.parent, protected=set(self.pending) | {ckpt_dir.name})
+            self._prune(ckpt_dir.parent)
+        return True
 
-    def _prune(self, root: Path, protected: set[str]) -> None:
+    def _enqueue_upload(self, ckpt_dir: Path) -> None:
+        """Queue for upload; beyond ``max_waiting``, the oldest waiting one stays local."""
+        with self._wake:
+            self._waiting.append(ckpt_dir)
+            dropped = (self._waiting.popleft() if len(self._waiting) > self.max_waiting
+                       else None)
+            self._wake.notify_all()
+        if dropped is not None:
+            reason = f"uploads fell behind and {ckpt_dir.name} is newer"
+            self.log(f"checkpoint {dropped.name} not uploaded: {reason}; it stays local")
+            self._finish(dropped.name, uploaded=False, reason=reason)
+
+    def _upload_worker(self) -> None:
+        _lower_priority(self.nice)
+        while True:
+            with self._wake:
+                while not self._waiting and not self._stop.is_set():
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                item = self._waiting.popleft()
+            try:
+                self._publish(item)
+            except Exception as err:  # noqa: BLE001 - one bad checkpoint must not stop the rest
+                self.log(f"checkpoint {item.name} not uploaded: {first_line(err)}; it stays local")
+                self._finish(item.name, uploaded=False, reason=first_line(err))
+
+    def _publish(self, ckpt_dir: Path) -> None:
+        """Verify, upload with bounded retries, then prune; one line whatever the outcome."""
+        record = self._record(ckpt_dir.name)
+        problem = checkpoint.verify(ckpt_dir, hashes=True)
+        if problem:
+            reason = f"its local copy is damaged ({problem})"
+        else:
+            reason = self._upload_with_retries(ckpt_dir)
+        if reason:
+            self.log(f"checkpoint {ckpt_dir.name} not uploaded: {reason}; it stays local")
+            self._finish(ckpt_dir.name, uploaded=False, reason=reason)
+        else:
+            self._finish(ckpt_dir.name, uploaded=True)
+            self.log(f"uploaded {ckpt_dir.name} ({record.sent / 1e6:.0f} of "
+                     f"{record.size / 1e6:.0f} MB sent) in {record.finished - record.started:.1f}"
+                     f" s to {self.store.url}/{self.remote_prefix}")
+        self._prune(ckpt_dir.parent)
+
+    def _prune(self, root: Path) -> None:
+        """Retention, never touching a checkpoint still being marked, waiting or uploading."""
+        protected = set(self.pending)
         try:
             checkpoint.prune(root, self.keep_local, protected=protected)
             if self.store is not None and self.remote_keep > 0:
@@ -201,23 +282,26 @@ class CheckpointPublisher:
         except (OSError, StorageError) as err:
             self.log(f"could not prune old checkpoints ({err}); trying again after the next one")
 
-    def _upload_with_retries(self, ckpt_dir: Path) -> bool:
+    def _upload_with_retries(self, ckpt_dir: Path) -> str:
+        """'' once uploaded, else why not (after ``max_attempts``, or when closing)."""
         delay = 1.0
-        while True:
+        for attempt in range(1, self.max_attempts + 1):
             try:
                 self._upload(ckpt_dir)
-                return True
-            except Exception as err:  # noqa: BLE001 - any failure is retried, never fatal
+                return ""
+            except Exception as err:  # noqa: BLE001 - any failure is retried, then given up
                 if not ckpt_dir.is_dir():
-                    self.log(f"{ckpt_dir} disappeared before its upload finished; skipping it")
-                    return False
+                    return "its folder disappeared before the upload finished"
                 if self._stop.is_set():
-                    self.log(f"upload of {ckpt_dir.name} stopped unfinished ({err})")
-                    return False
-                self.log(f"upload of {ckpt_dir.name} failed ({err}); retrying in {delay:.0f} s")
+                    return f"the run ended before the upload did ({first_line(err)})"
+                if attempt == self.max_attempts:
+                    return f"{self.max_attempts} attempts failed, the last with {first_line(err)}"
+                self.log(f"upload of {ckpt_dir.name} failed ({first_line(err)}); attempt "
+                         f"{attempt + 1} of {self.max_attempts} in {delay:.0f} s")
                 if self._stop.wait(delay):
-                    return False
+                    return f"the run ended before the upload did ({first_line(err)})"
                 delay = min(delay * 2, self.max_backoff_s)
+        return "no attempt made"
 
     def _upload(self, ckpt_dir: Path) -> None:
         """Upload what the bucket lacks, check it all, then the marker."""

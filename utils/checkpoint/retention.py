@@ -51,3 +51,20 @@ def prune_remote(store: Store, prefix: str, keep: int,
             if rest != MARKER:
                 run.delete(f"{name}/{rest}")
     return sorted(doomed, key=by_step)
+
+
+def delete_run(root: Path, store: Store | None, prefix: str) -> None:
+    """Delete every checkpoint of a run (``--overwrite``), each one's marker first.
+
+    A deletion cut short leaves incomplete (ignored) folders and objects, never a complete-
+    looking checkpoint with files missing.
+    """
+    for path in reversed(find_complete(root)):
+        (path / MARKER).unlink()
+        shutil.rmtree(path)
+    if store is None:
+        return
+    run = store.child(prefix)
+    objects = run.list()
+    for obj in sorted(objects, key=lambda o: not o.name.endswith("/" + MARKER)):
+        run.delete(obj.name)

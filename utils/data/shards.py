@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap  # noqa: F401 - np.memmap imports it on first use, which fails with no fd left
 import os
 import struct
 import zipfile
@@ -294,8 +295,8 @@ def _open_tokens(s: _Shard) -> np.ndarray:
     if s.offset is None:
         with np.load(s.path) as z:
             return z["input_ids"]
-    return np.memmap(
-        s.path, dtype=s.dtype, mode="r", offset=s.offset, shape=s.shape,
+    return np.memmap(  # a str, not a Path, which numpy would resolve: a stat per folder level
+        os.fspath(s.path), dtype=s.dtype, mode="r", offset=s.offset, shape=s.shape,
         order="F" if s.fortran else "C",
     )
 
@@ -310,7 +311,9 @@ def _id_range(s: _Shard) -> tuple[int, int]:
         with np.load(s.path) as z:
             arr = z["input_ids"]
         return int(arr.min()), int(arr.max())
-    flat = np.memmap(s.path, dtype=s.dtype, mode="r", offset=s.offset, shape=(s.num_tokens,))
+    flat = np.memmap(
+        os.fspath(s.path), dtype=s.dtype, mode="r", offset=s.offset, shape=(s.num_tokens,)
+    )
     step = max(1, _STATS_CHUNK_BYTES // s.dtype.itemsize)
     lo, hi = int(flat[0]), int(flat[0])
     for start in range(0, s.num_tokens, step):
@@ -354,11 +357,13 @@ def _fresh_stats(entry: Any, st: os.stat_result, dtype: np.dtype) -> bool:
 
 def _vocab_error(s: _Shard, lo: int, hi: int, vocab_size: int, others: int) -> DataError:
     """One line naming the shard, the offending id, the vocabulary size and the likely fixes."""
-    if lo < 0:
-        problem = f"has token id {lo}, below 0"
-    else:
-        problem = f"has token id {hi} >= vocabulary size {vocab_size} (ids 0..{vocab_size - 1})"
     more = f" (and {others} more shard(s) like it)" if others else ""
+    if lo < 0:
+        return DataError(
+            f"{s.path}: shard has token id {lo}, below 0{more}; it holds something other than "
+            "token ids (label masks? padding?): re-create it with `python -m data.prepare`"
+        )
+    problem = f"has token id {hi} >= vocabulary size {vocab_size} (ids 0..{vocab_size - 1})"
     fix = (
         "the data was made with another tokenizer: re-tokenize it with this model's tokenizer "
         "or use a model whose vocabulary covers it"

@@ -96,7 +96,8 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: float,
                 last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
-                stopped_early: bool, where: str, ckpt_root: Path, store) -> tuple[dict, str]:
+                stopped_early: bool, where: str, ckpt_root: Path, store,
+                local_only: list[tuple[str, str]] = ()) -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -104,7 +105,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         "tokens": state.tokens_seen, "seconds": elapsed,
         "tokens_per_s": (state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
         "checkpoints": [p.name for p in saved], "uploads_complete": uploads_done,
-        "stopped_early": stopped_early,
+        "stopped_early": stopped_early, "local_only": [name for name, _ in local_only],
     }
     table = summary_table([
         ("run", f"{config.run_name} ({config.model}, {where})"),
@@ -116,6 +117,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
         ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
+        *[("not uploaded", f"{name}: {reason} (stays local)") for name, reason in local_only],
         ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
     ])
     return summary, table

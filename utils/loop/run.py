@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import partial
 
 from configs.training_config import TrainingConfig
-from utils.errors import HarnessError
+from utils.errors import HarnessError, disk_full
 from utils.loop.engine import Engine
 from utils.loop.preflight import run_preflight
 from utils.loop.trainer import train
@@ -29,5 +29,12 @@ def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
         engine.finish()  # after the last stage: it may end the process group
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not disk_full(err):
+            raise
+        print(f"error: no space left on the device writing {err.filename or 'a file'}: free "
+              f"space or pass another --output-dir, then --resume latest (complete checkpoints "
+              f"are untouched)", file=sys.stderr)
         return 1
     return 0

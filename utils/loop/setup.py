@@ -6,7 +6,8 @@ engine's collectives (main process decides, the others follow).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +15,8 @@ from typing import Protocol
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint import TrainState
-from utils.errors import CheckpointError, StorageError, TrainingError
+from utils.errors import CheckpointError, StorageError, TrainingError, first_line
+from utils.fs import remove_stale_tmp
 from utils.processes import Processes
 from utils.storage import open_store
 
@@ -80,8 +82,18 @@ def resolve_resume(config: TrainingConfig, engine: Collectives, local_root: Path
     return local_root / name if name else None
 
 
-def continue_from(state: TrainState, saved: TrainState, source: Path, say) -> None:
+def continue_from(state: TrainState, saved: TrainState, source: Path, say,
+                  allow_seed_change: bool = False) -> None:
     """Take over a loaded checkpoint's progress, refusing one whose data order differs."""
+    if saved.seed is not None and saved.seed != state.seed:
+        if not allow_seed_change:
+            raise TrainingError(
+                f"{source.name} was trained with --seed {saved.seed}, this run has --seed "
+                f"{state.seed}: the window order and the held-out split derive from the seed, "
+                f"so part of the epoch would be trained twice and evaluation would use trained "
+                f"windows; resume with --seed {saved.seed}, or pass --allow-seed-change")
+        say(f"note: --seed changed ({saved.seed} -> {state.seed}) with --allow-seed-change: "
+            f"the rest of the data order and the held-out split change")
     if (saved.num_files, saved.train_windows) != (state.num_files, state.train_windows):
         raise TrainingError(
             f"{source.name} was trained on {saved.num_files} files / {saved.train_windows} "
@@ -109,7 +121,73 @@ def uploads_survive_an_abort(publisher, bar, config: TrainingConfig, say) -> Ite
     bar.close()
 
 
-def finish_uploads(publisher, config: TrainingConfig, stopped_early: bool) -> bool:
-    """Wait for the uploads: bounded after a preemption, up to an hour at a normal end."""
+def finish_uploads(publisher, config: TrainingConfig, stopped_early: bool,
+                   signalled: Callable[[], bool]) -> bool:
+    """Wait for the uploads: --upload-timeout-s after a preemption, up to
+    --final-upload-timeout-s at a normal end, cut to --upload-timeout-s by a SIGTERM during
+    that wait. True when every checkpoint reached the bucket."""
     return publisher.close(timeout=config.upload_timeout_s if stopped_early
-                           else config.final_upload_timeout_s)
+                           else config.final_upload_timeout_s,
+                           interrupted=signalled, after_interrupt_s=config.upload_timeout_s)
+
+
+def prepare_output_dir(output_dir: Path, processes: Processes) -> None:
+    """Create --output-dir and prove it writable now; remove writes a crash cut short.
+
+    Leftover ``.tmp-`` checkpoint folders (a crash or a full disk mid-save) go first, before
+    anything else is written, so they never keep the disk full.
+    """
+    if not processes.is_local_main_process:
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"--output-dir {output_dir} cannot be created or written "
+                            f"({err.strerror or first_line(err)}); pass a writable folder "
+                            f"with --output-dir") from None
+    remove_stale_tmp(output_dir / "checkpoints")
+
+
+def claim_run(config: TrainingConfig, engine: Collectives, local_root: Path, store,
+              say: Callable[[str], None]) -> None:
+    """Refuse to start over a run that has checkpoints, unless resuming or --overwrite.
+
+    Without this, a second run of the same --run-name would silently replace the first one's
+    checkpoints and a later ``--resume latest`` would continue a mix of both. The main process
+    looks (locally and in the bucket) and decides; with --overwrite it deletes them first.
+    """
+    if config.resume:
+        return
+    verdict: list[str | None] = [None, None]  # [what exists, error]
+    if engine.is_main_process:
+        try:
+            verdict[0] = _existing_checkpoints(config, local_root, store)
+        except (CheckpointError, StorageError) as err:
+            verdict[1] = str(err)
+    found, error = engine.broadcast_object(verdict)
+    if error:
+        raise TrainingError(error)
+    if found and not config.overwrite:
+        raise TrainingError(
+            f"run {config.run_name!r} already has checkpoints ({found}): pass --resume latest "
+            f"to continue it, a new --run-name to start another run, or --overwrite to delete "
+            f"them and start over")
+    if found:
+        say(f"--overwrite: starting run {config.run_name!r} over; deleting its checkpoints "
+            f"({found})")
+        if engine.is_main_process:
+            checkpoint.delete_run(local_root, store, f"checkpoints/{config.run_name}")
+    engine.wait_for_everyone()
+
+
+def _existing_checkpoints(config: TrainingConfig, local_root: Path, store) -> str:
+    """'N in DIR, M in BUCKET' for the run's complete checkpoints, '' when there are none."""
+    prefix = f"checkpoints/{config.run_name}"
+    local = checkpoint.find_complete(local_root)
+    remote = checkpoint.remote_complete(store, prefix) if store is not None else []
+    places = [f"{len(local)} in {local_root}" if local else "",
+              f"{len(remote)} in {store.url}/{prefix}" if remote else ""]
+    return ", ".join(p for p in places if p)

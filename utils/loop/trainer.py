@@ -9,17 +9,17 @@ counted only once their marker is written.
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from configs.training_config import TrainingConfig
-from utils.checkpoint import TrainState, find_complete
+from utils.checkpoint import TrainState, checkpoint_name, find_complete
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.data import WindowBatchSampler
-from utils.errors import TrainingError
+from utils.errors import TrainingError, disk_full
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.metrics import (
     MetricsWriter,
@@ -30,9 +30,11 @@ from utils.loop.metrics import (
 )
 from utils.loop.schedule import lr_factor
 from utils.loop.setup import (
+    claim_run,
     continue_from,
     finish_uploads,
     open_checkpoint_store,
+    prepare_output_dir,
     resolve_resume,
     sync_training_data,
     uploads_survive_an_abort,
@@ -86,12 +88,15 @@ class Trainer:
         self.output_dir = Path(config.effective_output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
 
+        prepare_output_dir(self.output_dir, engine)
+
         # Data and model for this stage (pretraining windows, or SFT/DPO examples on a LoRA
         # model), after syncing the data from the bucket (skip-existing).
         sync_training_data(config, engine)
         self.task = build_task(config, engine)
         self.info = engine.setup(self.task, config)
         self.store = open_checkpoint_store(config, engine)
+        claim_run(config, engine, self.ckpt_root, self.store, self.say)
         self.state = self._resume()
         self.sampler = WindowBatchSampler(
             self.task.train_idx, config.per_device_train_batch_size, engine.process_index,
@@ -106,7 +111,7 @@ class Trainer:
             self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl",
                                          start_step=self.state.step)
             self.tensorboard = TensorBoard(self.output_dir / "logs" / config.run_name,
-                                           asdict(config))
+                                           config.record())
         self.publisher = CheckpointPublisher(
             self.store if self.main else None, f"checkpoints/{config.run_name}",
             background=config.background_upload and self.main,
@@ -128,9 +133,10 @@ class Trainer:
         state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx),
                            world_size=engine.num_processes,
                            global_batch_windows=config.per_device_train_batch_size
-                           * engine.num_processes)
+                           * engine.num_processes, seed=config.seed)
         if resume_from is not None:
-            continue_from(state, self.engine.load(resume_from), resume_from, self.say)
+            continue_from(state, self.engine.load(resume_from), resume_from, self.say,
+                          allow_seed_change=config.allow_seed_change)
         elif config.resume:
             self.say("no complete checkpoint found: starting from scratch")
         return state
@@ -238,7 +244,20 @@ class Trainer:
         self.meter.reset()  # eval time is not training throughput
 
     def _save(self) -> Path:
-        path = self.engine.save(self.state, asdict(self.config), self.ckpt_root)
+        try:
+            path = self.engine.save(self.state, self.config.record(), self.ckpt_root)
+        except (OSError, RuntimeError) as err:
+            if not disk_full(err, self.ckpt_root):
+                raise
+            name = checkpoint_name(self.state)
+            newest = find_complete(self.ckpt_root)
+            need = sum(f.stat().st_size for f in newest[-1].iterdir()) if newest else 0
+            raise TrainingError(
+                f"no space left on the device of {self.ckpt_root} while writing {name} (a "
+                f"checkpoint takes about {need / 2**20:,.0f} MiB, "
+                f"{shutil.disk_usage(self.ckpt_root).free / 2**20:,.0f} MiB are free): free "
+                f"space or pass another --output-dir, then --resume latest; the partial folder "
+                f"was removed and the earlier checkpoints are untouched") from None
         if self.main:
             copy_tokenizer(self.tokenizer, path)
             self.publisher.submit(path)  # the marker is written after this, covering the copies
@@ -249,7 +268,8 @@ class Trainer:
     def _finish(self, start_step: int, start_tokens: int, elapsed: float,
                 stopped_early: bool) -> dict:
         config = self.config
-        uploads_done = finish_uploads(self.publisher, config, stopped_early)
+        uploads_done = finish_uploads(self.publisher, config, stopped_early,
+                                      lambda: self.preemption.requested)
         if self.main:
             self.tensorboard.close()
         if config.merge and config.stage != "pretrain" and not stopped_early:
@@ -262,7 +282,8 @@ class Trainer:
             config=config, state=self.state, start_step=start_step, start_tokens=start_tokens,
             elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
             saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
-            where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store)
+            where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
+            local_only=self.publisher.local_only)
         self.say(table)
         return summary
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,7 @@ from mlx_lm.models.gpt_neox import Model
 from utils.checkpoint import TrainState, checkpoint_name, verify
 from utils.checkpoint.format import read_trainer_state, write_trainer_state
 from utils.errors import CheckpointError, DataError, first_line
-from utils.fs import fsync_dir, remove_stale_tmp, tmp_dir_for
+from utils.fs import remove_stale_tmp, staged_dir
 from utils.mlx_engine.model import hf_name, load_full_weights, model_args
 
 
@@ -101,16 +100,13 @@ def save_checkpoint(write_weights: Callable[[Path], None], optimizer: optim.Opti
     marks the checkpoint complete.
     """
     final = root / checkpoint_name(state)
-    tmp = tmp_dir_for(final)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root, "checkpoint-*")  # writes cut short by a crash
-    write_weights(tmp)
-    save_optimizer(optimizer, tmp / "optimizer.safetensors")
-    write_trainer_state(tmp, state, config_dict, backend="mlx")
-    if final.exists():  # an earlier attempt at this step (resumed from an older one)
-        shutil.rmtree(final)
-    tmp.replace(final)
-    fsync_dir(root)
+    # Replaces an earlier attempt at this step (a run resumed from an older checkpoint).
+    with staged_dir(final) as tmp:
+        write_weights(tmp)
+        save_optimizer(optimizer, tmp / "optimizer.safetensors")
+        write_trainer_state(tmp, state, config_dict, backend="mlx")
     return final
 
 

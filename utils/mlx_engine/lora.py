@@ -14,7 +14,6 @@ stay fp32 and are saved the same way, so they also load onto the unquantized bas
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +27,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from utils.checkpoint.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from utils.errors import CheckpointError
-from utils.fs import publish_dir, tmp_dir_for
+from utils.fs import staged_dir
 from utils.mlx_engine.model import hf_name, load_pretrained, save_weights
 from utils.stages.base import adapter_base, check_base, copy_tokenizer, resolve_tokenizer
 
@@ -179,10 +178,8 @@ def merge_adapter(ckpt_dir: Path, out_dir: Path) -> Path:
     error in the base. Written under a hidden name and renamed into place.
     """
     model, hf_config = load_base(ckpt_dir)
-    tmp = tmp_dir_for(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)  # our own write, cut short
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    save_weights(model.parameters(), tmp)
-    copy_tokenizer(resolve_tokenizer(ckpt_dir), tmp)
-    return publish_dir(tmp, out_dir)
+    with staged_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        save_weights(model.parameters(), tmp)
+        copy_tokenizer(resolve_tokenizer(ckpt_dir), tmp)
+    return out_dir

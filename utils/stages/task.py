@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.model_config import hf_config_for
 from configs.training_config import TrainingConfig
 from utils.data import TokenWindows, find_shards, read_dataset_meta, train_eval_split
 from utils.errors import CheckpointError
-from utils.processes import Processes, local_main_first
+from utils.processes import ONE_PROCESS, Processes, local_main_first
 from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer
 from utils.stages.examples import (
     IGNORE,
@@ -60,20 +61,28 @@ class Task:
 def build_task(config: TrainingConfig, processes: Processes) -> Task:
     """The task for ``config.stage``."""
     if config.stage == "pretrain":
-        return pretrain_task(config)
+        return pretrain_task(config, processes)
     return finetune_task(config, processes)
 
 
-def pretrain_task(config: TrainingConfig) -> Task:
-    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones."""
+def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> Task:
+    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones.
+
+    Every token id must fit the model's vocabulary (another tokenizer's shards would fail deep
+    in the model, on a GPU as a device-side assert): each machine's main process scans the
+    shards once (cached), the others then read the cache.
+    """
     root = Path(config.data_dir)
     shards = find_shards(root, max_files=config.max_files or None)
     windows = TokenWindows(shards, config.seq_len, root=root)
+    meta = read_dataset_meta(root) or {}
+    with local_main_first(processes):
+        windows.check_vocab(hf_config_for(config.model, meta).vocab_size)
     train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
     return Task(stage="pretrain", examples=windows, train_idx=train_idx, eval_idx=eval_idx,
                 num_files=len(shards), collate=_stack_windows,
                 count_tokens=lambda batch: len(batch["input_ids"]) * config.seq_len,
-                meta=read_dataset_meta(root) or {})
+                meta=meta)
 
 
 def _stack_windows(windows: list[np.ndarray]) -> Batch:

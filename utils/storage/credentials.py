@@ -10,26 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Any
 
 from utils.errors import StorageError
+from utils.secrets import ENV_VAR, credentials_problem, how_to_fix
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CREDENTIALS_DIR = REPO_ROOT / "credentials"
-ENV_VAR = "GOOGLE_APPLICATION_CREDENTIALS"
-
-# Longer than any path Linux accepts (PATH_MAX), or a component longer than NAME_MAX: such a
-# value cannot name a file, and a key pasted in (or base64-encoded) is usually that long.
-_MAX_PATH_CHARS = 4096
-_MAX_NAME_BYTES = 255
-# A key passed base64-encoded (as some CI secret stores hand it over) has no newline or brace:
-# over 1024 characters of nothing but the base64 alphabet is no file path anyone uses.
-_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=_-]{1025,}$")
 
 # The credential file types google-auth can load; anything else is not a Google key.
 _KEY_TYPES = {
@@ -38,43 +29,12 @@ _KEY_TYPES = {
 }
 
 
-def _fix(source: str) -> str:
-    """How to point ``source`` at the key file, in the words that fit a flag or a variable."""
-    if source.startswith("--"):
-        return f"pass {source} the path of the JSON key file (e.g. credentials/KEY.json)"
-    if source == ENV_VAR:
-        return f"set {ENV_VAR} to the path of the JSON key file (e.g. /path/to/KEY.json)"
-    return f"give {source} the path of the JSON key file (e.g. credentials/KEY.json)"
-
-
-def _not_a_path(value: str) -> bool:
-    """Whether value is something other than a file path (most likely the key's contents)."""
-    return (
-        value.lstrip().startswith("{")
-        or "\n" in value
-        or "\r" in value
-        or "\0" in value
-        or "private_key" in value
-        or len(value) > _MAX_PATH_CHARS
-        or _BASE64_RE.match(value.strip()) is not None
-        or any(len(part.encode(errors="replace")) > _MAX_NAME_BYTES
-               for part in re.split(r"[/\\]", value))
-    )
-
 
 def check_credentials_value(value: str | None, source: str) -> None:
-    """Refuse a credentials value that is not a path, without ever echoing it.
-
-    ``GOOGLE_APPLICATION_CREDENTIALS="$(cat key.json)"`` or ``--credentials "$(cat key.json)"``
-    hand over the private key itself; opening it as a path then fails with the whole key in
-    the error. source names where the value came from (``--credentials``, the variable, a
-    config field) so the one-line error can say what to change. Empty or None means unset.
-    """
-    if value and _not_a_path(value):
-        raise StorageError(
-            f"{source} is not a file path (it looks like the key's contents, which are not "
-            f"shown); {_fix(source)}"
-        )
+    """StorageError (one line, never the value) when ``value`` is a key's contents, not a path."""
+    problem = credentials_problem(value, source)
+    if problem:
+        raise StorageError(problem)
 
 
 def _resolve_key_file(credentials: str, source: str) -> Path:
@@ -89,11 +49,11 @@ def _resolve_key_file(credentials: str, source: str) -> Path:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise StorageError(
             f"credentials file {credentials} (from {source}) cannot be checked ({reason}); "
-            f"fix its folder's permissions or {_fix(source)}"
+            f"fix its folder's permissions or {how_to_fix(source)}"
         ) from None
     raise StorageError(
         f"credentials file {credentials} (from {source}) not found (also looked in "
-        f"{CREDENTIALS_DIR}); put the service-account key there (chmod 600) or {_fix(source)}"
+        f"{CREDENTIALS_DIR}); put the service-account key there (chmod 600) or {how_to_fix(source)}"
     )
 
 
@@ -114,21 +74,21 @@ def _read_key_type(key: Path, source: str) -> tuple[dict[str, Any], str]:
     except OSError as exc:
         raise StorageError(
             f"{where} cannot be read ({exc.strerror or type(exc).__name__}); fix its "
-            f"permissions (chmod 600, owned by this user) or {_fix(source)}"
+            f"permissions (chmod 600, owned by this user) or {how_to_fix(source)}"
         ) from None
     try:
         info = json.loads(raw)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise StorageError(
             f"{where} is not a JSON key ({type(exc).__name__}); download a new JSON key for "
-            f"the service account and {_fix(source)}"
+            f"the service account and {how_to_fix(source)}"
         ) from None
     kind = info.get("type") if isinstance(info, dict) else None
     if not isinstance(kind, str) or kind not in _KEY_TYPES:
         shown = repr(kind[:40]) if isinstance(kind, str) else "missing"
         raise StorageError(
             f"{where} is not a Google credentials file (its type is {shown}); use a "
-            f"service-account JSON key: {_fix(source)}"
+            f"service-account JSON key: {how_to_fix(source)}"
         )
     return info, kind
 
@@ -154,7 +114,7 @@ def _load_key(key: Path, scopes: list[str], source: str) -> tuple[Any, str | Non
         raise StorageError(
             f"credentials file {key} (from {source}) is not a usable Google key "
             f"({type(exc).__name__}); download a new JSON key for the service account and "
-            f"{_fix(source)}"
+            f"{how_to_fix(source)}"
         ) from None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from utils.checkpoint import TrainState, checkpoint_name, verify
 from utils.checkpoint.format import read_trainer_state, write_trainer_state
 from utils.errors import CheckpointError, DataError, first_line
-from utils.fs import fsync_dir, remove_stale_tmp, tmp_dir_for
+from utils.fs import remove_stale_tmp, staged_dir
 from utils.torch_engine.lora import ADAPTER_WEIGHTS, load_adapter_weights
 
 
@@ -33,7 +32,6 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     uploader, or inline), so the blocking cost is the local write alone.
     """
     final = root / checkpoint_name(state)
-    tmp = tmp_dir_for(final)
     # Collectives first (every rank): RNG states and full (gathered) model/optimizer states.
     # Only the main process writes, so other machines need no shared disk.
     rng_states = _all_ranks(_rng_state(), accelerator.num_processes)
@@ -41,20 +39,17 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(root, "checkpoint-*")  # writes cut short by a crash
-        tmp.mkdir()
-        for rank, rng in enumerate(rng_states):
-            torch.save(rng, tmp / f"rng_state_{rank}.pt")
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        write_trainer_state(tmp, state, config_dict, backend="torch")
-        if final.exists():  # an earlier attempt at this step (resumed from an older one)
-            shutil.rmtree(final)
-        tmp.replace(final)
-        fsync_dir(root)
+        # Replaces an earlier attempt at this step (a run resumed from an older checkpoint).
+        with staged_dir(final) as tmp:
+            for rank, rng in enumerate(rng_states):
+                torch.save(rng, tmp / f"rng_state_{rank}.pt")
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            write_trainer_state(tmp, state, config_dict, backend="torch")
     accelerator.wait_for_everyone()
     return final
 

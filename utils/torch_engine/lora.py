@@ -7,7 +7,6 @@ reference is the same model with the adapters disabled: never a second copy of t
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from configs.training_config import TrainingConfig
 from utils.checkpoint.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from utils.errors import CheckpointError, first_line
-from utils.fs import publish_dir, tmp_dir_for
+from utils.fs import staged_dir
 from utils.stages.base import adapter_base, check_base, load_tokenizer, resolve_tokenizer
 
 # peft 0.21 reads a property transformers 5 deprecated, once per model: noise in every run log.
@@ -76,8 +75,7 @@ def merge_adapter(ckpt_dir: Path, out_dir: Path) -> Path:
     """
     model = load_base(ckpt_dir)
     tokenizer = load_tokenizer(resolve_tokenizer(ckpt_dir))
-    tmp = tmp_dir_for(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)  # our own write, cut short
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    return publish_dir(tmp, out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
