@@ -44,9 +44,9 @@ class ThrottledStore(LocalStore):
     def child(self, prefix: str) -> ThrottledStore:
         return ThrottledStore(self.base, self.mbps, f"{self.prefix}/{prefix}".strip("/"))
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None = None) -> ObjectInfo:
+    def upload_file(self, local: Path, name: str, **kw) -> ObjectInfo:
         start = time.perf_counter()
-        info = super().upload_file(local, name, crc32c=crc32c)
+        info = super().upload_file(local, name, **kw)
         time.sleep(max(0.0, info.size / (self.mbps * 1e6) - (time.perf_counter() - start)))
         return info
 

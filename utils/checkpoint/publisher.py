@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from utils import checkpoint
 from utils.errors import StorageError, first_line
-from utils.storage import Store
+from utils.storage import ObjectExists, ObjectInfo, Store
 
 
 @dataclass
@@ -320,17 +320,41 @@ class CheckpointPublisher:
         # One file at a time: no thread pool, which would refuse work while Python exits.
         for name, info in manifest.items():
             have = remote.get(name)
-            if have is None or have.size != info["size"] or have.crc32c != info["crc32c"]:
-                target.upload_file(ckpt_dir / name, name, crc32c=info["crc32c"])
-                record.sent += info["size"]
+            if _same(have, info):
+                continue
+            if have is not None:  # a stale copy from an earlier attempt at this step
+                target.delete(name)
+            self._create(target, name, info, lambda n=name, i=info: target.upload_file(
+                ckpt_dir / n, n, crc32c=i["crc32c"], if_absent=True))
+            record.sent += info["size"]
         now = {o.name: o for o in target.list()}
         for name, info in manifest.items():
-            have = now.get(name)
-            if have is None or have.size != info["size"] or have.crc32c != info["crc32c"]:
+            if not _same(now.get(name), info):
                 raise StorageError(f"{target.url}/{name} does not match the local file after "
                                    f"upload; uploading the checkpoint again")
-        target.write_bytes(checkpoint.MARKER, marker)
+        self._create(target, checkpoint.MARKER, None, lambda: target.write_bytes(
+            checkpoint.MARKER, marker, if_absent=True))
         record.sent += len(marker)
+
+    @staticmethod
+    def _create(target: Store, name: str, info: dict | None, write: Callable[[], object]) -> None:
+        """Write an object only if it is absent (a generation precondition on GCS), so two
+        live writers of one checkpoint never silently replace each other's files. Finding our
+        own copy there (a client retry whose first attempt had landed) is success."""
+        try:
+            write()
+        except ObjectExists:
+            theirs = {o.name: o for o in target.list()}.get(name)
+            if info is not None and _same(theirs, info):
+                return
+            raise StorageError(f"{target.url}/{name} was written by another process while this "
+                               f"one uploaded it; two runs are writing the same checkpoint "
+                               f"(give each its own --run-name)") from None
+
+
+def _same(have: ObjectInfo | None, info: dict) -> bool:
+    """Whether the bucket's object is the manifest's file (size and crc32c)."""
+    return have is not None and have.size == info["size"] and have.crc32c == info["crc32c"]
 
 
 def _lower_priority(nice: int) -> None:
