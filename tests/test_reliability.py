@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,29 @@ def test_a_full_disk_while_saving_is_one_line_and_loses_nothing(sample_data, sma
                                                "latest", "--save-steps", "4"))
     assert resumed.proc.returncode == 0, resumed.stderr[-2000:]
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_sigterm_during_the_final_upload_wait_is_honoured(sample_data, gcs_emulator,
+                                                           gcs_bucket, tmp_path):
+    """The run has ended and waits (up to an hour) for a hanging bucket: a SIGTERM cuts that
+    wait to --upload-timeout-s, and the run exits 0 with the checkpoint complete locally."""
+    proxy = FaultProxy(gcs_emulator.url, [])
+    proxy.start()
+    try:
+        out = tmp_path / "out"
+        run = Run(tmp_path, "hang", _args(sample_data, out, gcs_bucket, "--max-steps", "4",
+                                          "--save-steps", "4", "--upload-timeout-s", "2"),
+                  env={"STORAGE_EMULATOR_HOST": proxy.url})
+        run.wait_for(lambda: "model tiny:" in run.stdout, "the start (bucket access checked)")
+        proxy.delay_s = 60.0  # the bucket stops answering
+        run.wait_for(lambda: "uploading checkpoints" in run.stderr, "the final upload wait")
+        sent = time.monotonic()
+        run.signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 0, run.stderr[-2000:]
+        assert time.monotonic() - sent < 10
+    finally:
+        proxy.stop()
+    assert "signal received: waiting at most 2 s more for checkpoint uploads" in run.stdout
+    assert "gave up waiting for uploads after" in run.stdout
+    assert checkpoint.verify(out / "checkpoints" / "checkpoint-epoch0-step4-files1",
+                             hashes=True) is None
