@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_data import LORA, TRAIN_PAIRS, qa, write_jsonl
 
 from utils import checkpoint
 
@@ -400,3 +401,30 @@ def test_fsdp_two_processes_shard_train_checkpoint_and_resume(tmp_path: Path) ->
     assert want.keys() == got_sd.keys()
     assert all(torch.equal(want[k], got_sd[k]) for k in want)
 
+
+
+@pytest.mark.slow
+def test_sft_on_two_processes_or_with_accumulation_trains_like_one_batch(tiny_base, tmp_path):
+    """The SFT loss is the mean over the optimizer step's answer tokens on every rank and
+    micro-batch, so 2 processes x batch 2 and 1 process x batch 2 x 2 accumulation both repeat
+    1 process x batch 4 (a mean of per-batch means would not: answer lengths differ)."""
+    data = write_jsonl(tmp_path / "sft.jsonl", qa(TRAIN_PAIRS[:24]))
+    common = [*LORA, "--stage", "sft", "--init-from", str(tiny_base), "--data-dir", str(data),
+              "--max-steps", "4", "--save-steps", "4", "--logging-steps", "1",
+              "--lora-dropout", "0", "--no-group-by-length", "--learning-rate", "3e-3"]
+    outs = {name: tmp_path / name for name in ("one", "two", "accum")}
+    ok(run([sys.executable, "train.py", *common, "--output-dir", str(outs["one"]),
+            "--per-device-train-batch-size", "4"], tmp_path))
+    ok(run(accelerate_two("train.py", *common, "--output-dir", str(outs["two"]),
+                          "--per-device-train-batch-size", "2"), tmp_path))
+    ok(run([sys.executable, "train.py", *common, "--output-dir", str(outs["accum"]),
+            "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2"],
+           tmp_path))
+    want = losses(outs["one"])
+    assert sorted(want) == [1, 2, 3, 4]
+    for name in ("two", "accum"):
+        got = losses(outs[name])
+        assert sorted(got) == sorted(want), name
+        assert all(abs(got[s] - want[s]) < 1e-4 for s in want), (name, got, want)
+        assert [m["tokens_seen"] for m in metrics(outs[name])] == [
+            m["tokens_seen"] for m in metrics(outs["one"])]
