@@ -7,7 +7,7 @@ Each engine answers these for its own launcher (accelerate's processes for torch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -36,6 +36,16 @@ class OneProcess:
 
 
 ONE_PROCESS = OneProcess()
+
+
+def _silent(*_: object, **__: object) -> None:
+    """What the processes that do not report print: nothing."""
+
+
+def printer(speaks: bool) -> Callable[..., None]:
+    """``print`` for the process that reports (every rank resolves and logs the same things),
+    a no-op for the others, so a line appears once per run or per machine."""
+    return print if speaks else _silent
 
 
 @contextmanager

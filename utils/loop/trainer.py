@@ -41,6 +41,7 @@ from utils.loop.setup import (
 )
 from utils.loop.signals import PreemptionHandler
 from utils.loop.tracker import TensorBoard
+from utils.processes import printer
 from utils.stages.base import copy_tokenizer, tokenizer_dir
 from utils.stages.task import Task, build_task
 
@@ -73,10 +74,6 @@ def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
-def _quiet(*_: object, **__: object) -> None:
-    """Processes other than a machine's main one print nothing."""
-
-
 class Trainer:
     """One run of one stage: built from a config and an engine, then ``run()``."""
 
@@ -84,7 +81,7 @@ class Trainer:
         self.config, self.engine = config, engine
         self.main = engine.is_main_process
         # Each machine's console shows the run (its local main process prints).
-        self.say = print if engine.is_local_main_process else _quiet
+        self.say = printer(engine.is_local_main_process)
         self.output_dir = Path(config.effective_output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
 

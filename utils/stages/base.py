@@ -17,7 +17,7 @@ from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint.format import ADAPTER_CONFIG
 from utils.errors import CheckpointError
-from utils.processes import ONE_PROCESS, Processes, local_main_first
+from utils.processes import ONE_PROCESS, Processes, local_main_first, printer
 from utils.stages.examples import Encode
 
 if TYPE_CHECKING:
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 DEFAULT_TOKENIZER = Path("data/tokenizer")
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model"}
-
-
-def _quiet(*_: object) -> None:
-    """Non-main processes print nothing (every rank resolves the same base)."""
 
 
 def resolve_base(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> Path:
@@ -44,7 +40,7 @@ def resolve_base(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> 
         path = Path(name).expanduser()
         check_base(path)
         return path.resolve()
-    pinned = _started_on(config, say=print if processes.is_main_process else _quiet)
+    pinned = _started_on(config, say=printer(processes.is_main_process))
     if pinned is not None:
         return pinned
     root = Path("outputs") / config.init_run / "checkpoints"

@@ -21,7 +21,7 @@ from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.errors import DataError
 from utils.fs import atomic_write
-from utils.processes import Processes
+from utils.processes import Processes, printer
 from utils.stages.base import resolve_base
 
 STATE_FILE = "curriculum.json"
@@ -57,10 +57,6 @@ def plan(topics_dir: Path) -> list[Stage]:
                                 f"{' and '.join(s + '.jsonl' for s in STAGES)}")
             stages.append(Stage(topic.name, stage, data))
     return stages
-
-
-def _quiet(*_: object) -> None:
-    """Ranks other than the main one print nothing."""
 
 
 def read_state(path: Path) -> dict:
@@ -100,7 +96,7 @@ def run_curriculum(config: TrainingConfig, train: Callable[[TrainingConfig], dic
     stopped early (preemption) ends the curriculum without recording it, so the next run
     continues it.
     """
-    log = print if processes.is_main_process else _quiet
+    log = printer(processes.is_main_process)
     stages = plan(Path(config.topics))
     out = Path(config.effective_output_dir)
     state_path = out / STATE_FILE
