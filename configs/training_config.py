@@ -54,6 +54,16 @@ class TrainingConfig:
     # Precision and speed.
     mixed_precision: Literal["bf16", "fp16", "no"] = "no"
     compile: bool = False
+    # What torch.compile wraps: each transformer layer ("layers": regional, fullgraph, quick to
+    # compile) or the whole model ("model").
+    compile_scope: Literal["layers", "model"] = "layers"
+    # Pretraining attention: "causal" (no mask, flash/cuDNN eligible) or "sdpa" (transformers'
+    # own, which builds a dense mask under compile; kept for benchmarks).
+    attention: Literal["causal", "sdpa"] = "causal"
+    # The LM head and cross-entropy run over this many tokens at a time, so full fp32 logits
+    # never exist (0 = all at once, the plain transformers path).
+    loss_chunk_tokens: int = 8192
+    fp8: bool = False  # torchao float8 training of the transformer's linear layers (sm89+ GPUs)
     backend: Literal["torch", "mlx"] = "torch"
     num_workers: int = 0
     prefetch_factor: int = 2
