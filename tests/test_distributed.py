@@ -264,6 +264,38 @@ def test_two_machines_resume_exactly_from_the_bucket(ddp_run: DdpRun,
         == [STEP3, STEP6]
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_within_two_steps(tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """The stop flag is exchanged without a per-step sync and read a step late: a SIGTERM to
+    rank 1 alone still stops both ranks after the same step, saved, exit 0."""
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    started = launch(accelerate_two(*TRAIN, "--bucket", "", "--data-dir", str(tiny_data),
+                                    "--output-dir", str(out), "--max-steps", "400",
+                                    "--save-steps", "1000", "--per-device-train-batch-size",
+                                    "4"), tmp_path)
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
+        assert started[0].poll() is None and time.monotonic() < deadline, \
+            started[1].read_text()[-3000:]
+        time.sleep(0.05)
+    rank1 = next(p for p in psutil.Process(started[0].pid).children(recursive=True)
+                 if p.environ().get("RANK") == "1")
+    seen = metrics(out)[-1]["step"]  # rank 1 is at most a step ahead of rank 0's log
+    rank1.send_signal(signal.SIGTERM)
+    result = ok(finish(started))
+    stopped = metrics(out)[-1]["step"]
+    assert seen < stopped <= seen + 3, (seen, stopped)
+    assert result.output.count("SIGTERM received") == 1  # rank 0 was never signalled
+    assert f"stopping at step {stopped} on request" in result.output
+    name = f"checkpoint-epoch0-step{stopped}-files1"
+    assert checkpoint.read_manifest(out / "checkpoints" / name)
+
+
 # ------------------------------------------------------------------ FSDP
 
 

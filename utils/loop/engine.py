@@ -8,7 +8,7 @@ loader's output), numbers come back as Python floats.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,13 @@ class Engine(Collectives, Protocol):
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over all processes (the values themselves for one process)."""
+        ...
+
+    def all_sum_later(self, values: list[float]) -> Callable[[], list[float]]:
+        """Start ``all_sum`` without waiting for it; the returned function gives the sums.
+
+        The loop exchanges its per-step flags this way and reads them one step later, by
+        which time they have arrived: no step waits on the host for a collective."""
         ...
 
     def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:

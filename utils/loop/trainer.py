@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -119,6 +120,7 @@ class Trainer:
         self.preemption = PreemptionHandler()
         self.tokenizer = tokenizer_dir(self.task.meta, Path(config.data_dir))
         self.interval_steps = 0
+        self.pending_votes: Callable[[], list[float]] | None = None
         self.last_loss = self.eval_loss = float("nan")
         self.saved: list[Path] = []
 
@@ -173,6 +175,8 @@ class Trainer:
                 self._step()
                 bar.update(1)
                 stopped_early = self._after_step(bar)
+            if self.pending_votes is not None:
+                self.pending_votes()  # the last exchange, so no collective is left in flight
         elapsed = time.perf_counter() - started
         return self._finish(start_step, start_tokens, elapsed, stopped_early)
 
@@ -202,7 +206,7 @@ class Trainer:
         config, step = self.config, self.state.step
         log_now = due(step, config.logging_steps, config.max_steps)
         save_now = due(step, config.save_steps, config.max_steps)
-        stop_now = self.engine.all_sum([float(self.preemption.requested)])[0] > 0
+        stop_now = self._vote_to_stop()
         if log_now or save_now or stop_now:
             sums, grad_norm = self.engine.read_interval()
             check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
@@ -214,6 +218,18 @@ class Trainer:
         if stop_now:
             self.say(f"stopping at step {step} on request; checkpoint {self.saved[-1].name}")
         return stop_now
+
+    def _vote_to_stop(self) -> bool:
+        """Whether any process was asked to stop, agreed on by all without a per-step sync.
+
+        Each step starts the exchange of this process's flag and reads the one started a
+        step earlier (arrived by now): every process stops after the same step, at most two
+        steps after the signal. One process needs no exchange."""
+        flags = [float(self.preemption.requested)]
+        if self.engine.num_processes == 1:
+            return flags[0] > 0
+        previous, self.pending_votes = self.pending_votes, self.engine.all_sum_later(flags)
+        return previous is not None and previous()[0] > 0
 
     def _log(self, sums: dict[str, float], grad_norm: float, bar: tqdm) -> None:
         config, state, steps = self.config, self.state, self.interval_steps

@@ -11,6 +11,7 @@ same local folders).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +40,14 @@ class MlxProcesses:
         if self.num_processes == 1:
             return values
         return self._sum(mx.array(values, mx.float32)).tolist()
+
+    def all_sum_later(self, values: list[float]) -> Callable[[], list[float]]:
+        """``all_sum`` evaluated in the background (``mx.async_eval``); read it later."""
+        if self.num_processes == 1:
+            return lambda: values
+        total = self._sum(mx.array(values, mx.float32))
+        mx.async_eval(total)
+        return total.tolist
 
     def average_gradients(self, grads: dict) -> dict:
         return grads if self.num_processes == 1 else nn.average_gradients(grads,

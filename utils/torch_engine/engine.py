@@ -9,7 +9,7 @@ to a training step.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -83,6 +83,24 @@ class TorchEngine:
             return values
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.accelerator.reduce(total, reduction="sum").tolist()
+
+    def all_sum_later(self, values: list[float]) -> Callable[[], list[float]]:
+        """An async all-reduce; on CUDA its result is copied to pinned host memory behind an
+        event, so neither starting nor (a step later) reading it stalls the GPU's queue."""
+        if self.num_processes == 1:
+            return lambda: values
+        cuda = self.device.type == "cuda"
+        total = torch.tensor(values, dtype=torch.float64, pin_memory=cuda).to(
+            self.device, non_blocking=True)
+        work = dist.all_reduce(total, async_op=True)
+        if not cuda:  # gloo: the work completes on its own threads
+            return lambda: (work.wait(), total.tolist())[1]
+        work.wait()  # on CUDA this only orders the current stream after the all-reduce
+        host = torch.empty_like(total, device="cpu", pin_memory=True)
+        host.copy_(total, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return lambda: (arrived.synchronize(), host.tolist())[1]
 
     def broadcast_object(self, values: list) -> list:
         if dist.is_available() and dist.is_initialized():
