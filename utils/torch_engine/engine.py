@@ -9,6 +9,7 @@ to a training step.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -29,6 +30,7 @@ from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
 from utils.stages.task import Batch, Task
 from utils.torch_engine import checkpoint_io, lora
+from utils.torch_engine.compiling import compile_model
 from utils.torch_engine.loader import make_torch_loader
 from utils.torch_engine.losses import stage_loss
 from utils.torch_engine.model import (
@@ -72,6 +74,7 @@ class TorchEngine:
         self.is_local_main_process = acc.is_local_main_process
         self.where = f"{self.num_processes} process(es)"
         self.accelerated = self.device.type != "cpu"
+        self._compile_started: float | None = None
 
     # ------------------------------------------------------------------ processes
 
@@ -130,7 +133,7 @@ class TorchEngine:
             lr_factor, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
             min_ratio=config.min_lr_ratio))
         model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.model = self._compiled(model) if config.compile else model
+        self.model, compiled = self._compiled(model) if config.compile else (model, "off")
         self.model.train()
         self.loss = stage_loss(task.stage, config.dpo_beta)
         self.reset_interval()
@@ -139,14 +142,15 @@ class TorchEngine:
             total, non_embedding, trainable, hf_config.num_hidden_layers, hf_config.hidden_size,
             hf_config.vocab_size, device_peak_flops(self.device, config.peak_tflops),
             f"torch on {self.device}, mixed precision {config.mixed_precision}, "
-            f"compile {self.model is not model}")
+            f"compile {compiled}")
 
-    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _compiled(self, model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         reason = compile_unavailable(self.device)
         if reason:
             self.accelerator.print(f"torch.compile unavailable ({reason}); running eager")
-            return model
-        return torch.compile(model)
+            return model, "off"
+        self._compile_started = time.perf_counter()  # compiling happens in the first step
+        return compile_model(model, self.config.compile_scope)
 
     def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Batch]:
         loader = make_torch_loader(task.examples, sampler, task.collate, self.config.num_workers,
@@ -181,6 +185,17 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._compile_started is not None:
+            self._report_compile_time()
+
+    def _report_compile_time(self) -> None:
+        """Once: the first step's time, nearly all of it compiling (synchronised to be true)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.accelerator.print(f"torch.compile: the first step took "
+                               f"{time.perf_counter() - self._compile_started:.1f} s "
+                               f"(compiling included)")
+        self._compile_started = None
 
     def read_interval(self) -> tuple[dict[str, float], float]:
         means = {k: self.accelerator.reduce(v, reduction="mean").item()
