@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 from transformers import GPTNeoXConfig
 
+# Embedding and LM-head rows are padded to a multiple of this (50,257 -> 50,304, as Pythia
+# did): tensor-core matmuls want dimensions divisible by 64/128. The extra ids are never in the
+# data, so training pushes them down; generation suppresses them (see ``padding_ids``).
+VOCAB_MULTIPLE = 128
+
 # GPT-NeoX linear layers LoRA may adapt (peft's target names; each engine maps them).
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -22,7 +27,7 @@ class ModelSize:
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # the tokenizer's; the model's is padded_vocab() of it
     max_position_embeddings: int = 2048
     rotary_pct: float = 0.25
     rotary_emb_base: int = 10000
@@ -50,9 +55,10 @@ def to_hf_config(
     eos_token_id: int = 0,
     pad_token_id: int | None = None,
 ) -> GPTNeoXConfig:
-    """Build the transformers config; ``vocab_size`` overrides the size's (from the tokenizer)."""
+    """Build the transformers config; ``vocab_size`` (the tokenizer's) overrides the size's,
+    and the model's is that padded to ``VOCAB_MULTIPLE``."""
     config = GPTNeoXConfig(
-        vocab_size=vocab_size or size.vocab_size,
+        vocab_size=padded_vocab(vocab_size or size.vocab_size),
         hidden_size=size.hidden_size,
         num_hidden_layers=size.num_hidden_layers,
         num_attention_heads=size.num_attention_heads,
@@ -72,6 +78,16 @@ def to_hf_config(
     config.rotary_pct = size.rotary_pct
     config.rotary_emb_base = size.rotary_emb_base
     return config
+
+
+def padded_vocab(tokens: int) -> int:
+    """The model's vocabulary for a tokenizer of ``tokens`` ids: the next multiple of 128."""
+    return -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def padding_ids(tokens: int, model_vocab: int) -> list[int]:
+    """The ids a model may score but no tokenizer id maps to: generation must never pick them."""
+    return list(range(tokens, model_vocab))
 
 
 def hf_config_for(model: str, meta: dict | None) -> GPTNeoXConfig:

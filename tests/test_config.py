@@ -23,14 +23,15 @@ def test_neox_1_2b_parameter_counts_on_meta_device():
     config = to_hf_config(size)
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers,
             config.num_attention_heads, config.intermediate_size,
-            config.max_position_embeddings) == (50257, 2048, 24, 16, 8192, 2048)
+            config.max_position_embeddings) == (50304, 2048, 24, 16, 8192, 2048)
     assert config.use_parallel_residual and not config.tie_word_embeddings
     assert config.hidden_act == "gelu_new"
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())
     embeddings = 2 * config.vocab_size * config.hidden_size  # untied input and output
-    assert (total, total - embeddings) == (1_414_455_296, 1_208_602_624)
+    # 50,257 tokens, 50,304 rows (padded to a multiple of 128, as Pythia)
+    assert (total, total - embeddings) == (1_414_647_808, 1_208_602_624)
     assert count_parameters(config) == (total, total - embeddings)  # from the config alone
 
 
