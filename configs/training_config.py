@@ -72,10 +72,15 @@ class TrainingConfig:
     eval_steps: int = 100
     eval_windows: int = 64
     save_steps: int = 100
+    save_interval_minutes: float = 0.0  # also save when this much time passed (0 = off)
     save_total_limit: int = 3
     remote_keep: int = 0  # complete checkpoints kept in the bucket (0 = all)
+    keep_every_steps: int = 0  # ...plus, forever, every checkpoint whose step is a multiple
+    # On SIGTERM/SIGINT: finish the step, save, upload what fits, exit 0 within this many
+    # seconds of the signal (Compute Engine gives Spot VMs 30 s).
+    preemption_budget_s: float = 25.0
     background_upload: bool = True
-    upload_timeout_s: float = 60.0  # bounded wait for uploads after SIGTERM
+    upload_timeout_s: float = 60.0  # a SIGTERM during the end-of-run upload wait cuts it to this
     final_upload_timeout_s: float = 3600.0  # at the normal end of training
     resume: str = ""
     # A run name that already has checkpoints is refused without --resume; --overwrite

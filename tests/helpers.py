@@ -73,11 +73,13 @@ def train(tmp: Path, name: str, args: list[str], env: dict[str, str] | None = No
     return run
 
 
-def metrics(out: Path) -> list[dict]:
+def metrics(out: Path, event: str | None = None) -> list[dict]:
+    """The run's per-step records, or its ``event`` records (e.g. "checkpoint")."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in records if r.get("event") == event]
 
 
 def last_step(out: Path) -> int:

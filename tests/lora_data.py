@@ -37,10 +37,6 @@ def refusals(pairs) -> list[dict]:
              "rejected": " I do not know"} for a, b in pairs]
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def error_line(stderr: str) -> str:
     return next(line for line in stderr.replace("\r", "\n").splitlines()
                 if line.startswith("error:"))

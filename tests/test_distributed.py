@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics
 from lora_data import LORA, TRAIN_PAIRS, qa, write_jsonl
 
 from utils import checkpoint
@@ -90,10 +91,6 @@ def run(cmd: list[str], tmp: Path, env: dict[str, str] | None = None) -> Result:
 def ok(result: Result) -> Result:
     assert result.returncode == 0, result.output[-4000:]
     return result
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(out: Path) -> dict[int, float]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "start_training.sh"
@@ -136,7 +137,7 @@ def test_arguments_with_spaces_reach_train_py_intact(tiny_data_dir: Path, tmp_pa
     result = start(["--gpus", "0", "--max-steps", "1", "--data-dir", str(tiny_data_dir),
                     "--output-dir", str(out), "--run-name", "a b", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(metrics(out)) == 1
     assert _trained_config(out)["run_name"] == "a b"
     assert _trained_config(out)["output_dir"] == str(out)
 
@@ -157,6 +158,5 @@ def test_gpus_2_launches_two_processes_through_accelerate(tiny_data_dir: Path,
         "--num_processes", "2", "--num_machines", "1", "--machine_rank", "0",
         "--main_process_port", port]
     assert "4 per device x 1 accumulation x 2 processes = 8 sequences" in result.stdout
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
-        == [1, 2]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
     assert _trained_config(out)["run_name"] == "a b"

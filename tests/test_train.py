@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_train
+from helpers import metrics
 
 from utils.checkpoint import find_complete, verify
 
 TINY = ["--config", "smoke", "--seq-len", "64", "--per-device-train-batch-size", "4",
         "--eval-steps", "1000", "--eval-windows", "8"]
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _error_line(stderr: str) -> str:
@@ -32,7 +27,7 @@ def test_short_run_learns_logs_and_checkpoints(sample_data, tmp_path):
                        "--save-steps", "20", "--eval-steps", "20", "--learning-rate", "3e-3",
                        tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = _metrics(out)
+    records = metrics(out)
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30, 35, 40]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "memory_gib", "eta_s"):
         assert all(key in r for r in records), key
@@ -88,7 +83,10 @@ def test_validate_passes_on_smoke_and_fails_without_data(sample_data, tmp_path):
                    str(tmp_path / "bucket"), "--output-dir", str(tmp_path / "out"),
                    tmp_path=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.count("[PASS]") == 8
+    assert ok.stdout.count("[PASS]") == 9
+    budget = next(line for line in ok.stdout.splitlines() if "preemption budget" in line)
+    assert "+ upload" in budget and "of 25 s: fits" in budget, budget  # the bucket was timed
+    assert not any((tmp_path / "bucket" / "preflight").rglob("*.safetensors"))  # cleaned up
     bad = run_train(*TINY, "--validate", "--data-dir", str(tmp_path / "none"), "--bucket", "",
                     "--output-dir", str(tmp_path / "out"), tmp_path=tmp_path)
     assert bad.returncode == 1 and "[FAIL] data present and readable" in bad.stdout
@@ -100,7 +98,7 @@ def test_bf16_autocast_path_runs(sample_data, tmp_path):
                        "--bucket", "", "--max-steps", "4", "--logging-steps", "2",
                        "--save-steps", "4", "--mixed-precision", "bf16", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert all(np.isfinite(r["loss"]) for r in _metrics(out))
+    assert all(np.isfinite(r["loss"]) for r in metrics(out))
 
 
 @pytest.mark.slow
@@ -111,7 +109,7 @@ def test_compile_path_runs_on_cpu(sample_data, tmp_path):
                        "--save-steps", "3", "--compile", tmp_path=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running eager" not in result.stdout
-    assert len(_metrics(out)) == 3 and find_complete(out / "checkpoints")
+    assert len(metrics(out)) == 3 and find_complete(out / "checkpoints")
 
 
 def test_train_syncs_data_from_gcs_and_uploads_checkpoints(gcs_bucket, sample_data, tmp_path):

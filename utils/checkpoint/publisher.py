@@ -59,7 +59,8 @@ class CheckpointPublisher:
     """Marks checkpoints complete and uploads them to ``store/remote_prefix/<name>/``."""
 
     def __init__(self, store: Store | None, remote_prefix: str, *, background: bool = True,
-                 keep_local: int = 0, remote_keep: int = 0, max_waiting: int = 2,
+                 keep_local: int = 0, remote_keep: int = 0, keep_every: int = 0,
+                 max_waiting: int = 2,
                  max_attempts: int = 6, max_backoff_s: float = 30.0,
                  exit_timeout_s: float = 60.0, nice: int = 10,
                  log: Callable[[str], None] = print):
@@ -68,6 +69,7 @@ class CheckpointPublisher:
         self.background = background
         self.keep_local = keep_local
         self.remote_keep = remote_keep
+        self.keep_every = keep_every  # in the bucket, every checkpoint at a multiple stays
         self.max_waiting = max(1, max_waiting)
         self.max_attempts = max(1, max_attempts)
         self.max_backoff_s = max_backoff_s
@@ -75,6 +77,8 @@ class CheckpointPublisher:
         self.nice = nice
         self.log = log
         self.history: list[Published] = []
+        # Called (on a worker thread) with each checkpoint's record once it is settled.
+        self.on_finished: Callable[[Published], None] | None = None
         self._lock = threading.Lock()
         self._pending: set[str] = set()     # submitted, not yet finished (marking or uploading)
         self._to_mark: queue.Queue[Path | None] = queue.Queue()
@@ -197,6 +201,8 @@ class CheckpointPublisher:
         with self._lock:
             record.finished, record.uploaded, record.reason = time.perf_counter(), uploaded, reason
             self._pending.discard(name)
+        if self.on_finished is not None:
+            self.on_finished(record)
 
     def _mark_worker(self) -> None:
         while (item := self._to_mark.get()) is not None:
@@ -278,7 +284,7 @@ class CheckpointPublisher:
             checkpoint.prune(root, self.keep_local, protected=protected)
             if self.store is not None and self.remote_keep > 0:
                 checkpoint.prune_remote(self.store, self.remote_prefix, self.remote_keep,
-                                        protected=protected)
+                                        protected=protected, keep_every=self.keep_every)
         except (OSError, StorageError) as err:
             self.log(f"could not prune old checkpoints ({err}); trying again after the next one")
 

@@ -21,6 +21,20 @@ from utils.loop.setup import Collectives
 from utils.stages.task import Batch, Task
 
 
+class Snapshot(Protocol):
+    """A checkpoint's contents held in host memory, ready to be written off the loop."""
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory it holds (weights and optimizer state)."""
+        ...
+
+    def write(self) -> Path:
+        """Write the checkpoint folder (no marker: the publisher writes that); safe on another
+        thread while training continues. Returns its path."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the banner, the FLOP count and MFU need to know about the model being trained."""
@@ -84,9 +98,10 @@ class Engine(Collectives, Protocol):
 
     def eval_loss(self, batch: Batch) -> float: ...
 
-    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
-        """Write a checkpoint folder without its marker (the publisher writes that); returns its
-        path on every process. Collective."""
+    def snapshot(self, state: TrainState, config_dict: dict, root: Path) -> Snapshot | None:
+        """Copy everything a checkpoint holds into host memory: the only part of a save that
+        blocks training. Collective; the main process gets the Snapshot (of a checkpoint to
+        be written under ``root``), the others None."""
         ...
 
     def load(self, ckpt_dir: Path) -> TrainState:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -56,11 +57,13 @@ class ThroughputMeter:
 class MetricsWriter:
     """Appends one JSON object per logged step; the caller sends the same dict to TensorBoard.
 
-    Only the global main process writes, so the file has one line per step.
+    Only the global main process writes, so the file has one line per step (and one
+    ``"event": "checkpoint"`` line per checkpoint, written by the upload thread: hence the lock).
     """
 
     def __init__(self, path: Path, start_step: int = 0):
         self.path = path
+        self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_steps_after(start_step)
 
@@ -82,7 +85,7 @@ class MetricsWriter:
         atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
+        with self._lock, self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -97,7 +100,7 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: float,
                 last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
                 stopped_early: bool, where: str, ckpt_root: Path, store,
-                local_only: list[tuple[str, str]] = ()) -> tuple[dict, str]:
+                local_only: list[tuple[str, str]] = (), saving: str = "") -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -116,6 +119,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("final loss", f"{last_loss:.4f}"),
         ("eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
+        *([("saving", saving)] if saving else []),
         ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
         *[("not uploaded", f"{name}: {reason} (stays local)") for name, reason in local_only],
         ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),

@@ -41,6 +41,7 @@ def run_preflight(config: TrainingConfig, engine: Engine) -> int:
         ("forward pass", _check_forward),
         ("one training step", _check_step),
         ("checkpoint save/load round trip", _check_checkpoint),
+        ("preemption budget", _check_budget),
         ("log directory writable", _check_logdir),
     ]
     failed = 0
@@ -136,8 +137,14 @@ def _check_checkpoint(ctx: dict) -> str:
         raise Skip("needs the training step")
     before = _eval_loss(ctx)
     with tempfile.TemporaryDirectory() as tmp:
-        path = engine.save(TrainState(step=1), {}, Path(tmp))
+        started = time.perf_counter()
+        snapshot = engine.snapshot(TrainState(step=1), {}, Path(tmp))
+        blocking = time.perf_counter() - started
+        path = snapshot.write() if snapshot else Path(tmp)
+        engine.wait_for_everyone()
+        ctx["save_s"] = (blocking, time.perf_counter() - started)
         write_manifest(path)
+        ctx["upload_s"] = _timed_upload(ctx.get("store"), path)
         engine.train_step([_batch(ctx)], 1)
         moved = _eval_loss(ctx)
         engine.load(path)
@@ -145,8 +152,40 @@ def _check_checkpoint(ctx: dict) -> str:
         size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     if after != before:
         raise RuntimeError(f"loss {after} after reloading, {before} when saved")
-    return (f"{size:.1f} MiB written; loss {before:.4f} at save, {moved:.4f} a step later, "
-            f"{after:.4f} after reload")
+    return (f"{size:.1f} MiB written (training blocked {blocking:.2f} s, "
+            f"{ctx['save_s'][1]:.2f} s in all); loss {before:.4f} at save, {moved:.4f} a step "
+            f"later, {after:.4f} after reload")
+
+
+def _timed_upload(store, path: Path) -> float | None:
+    """Seconds to upload the checkpoint to a scratch prefix of the bucket (then deleted)."""
+    if store is None:
+        return None
+    scratch = store.child(f"preflight/{path.name}-{time.time_ns()}")
+    started = time.perf_counter()
+    try:
+        for file in path.iterdir():
+            scratch.upload_file(file, file.name)
+        return time.perf_counter() - started
+    finally:
+        for obj in scratch.list():
+            scratch.delete(obj.name)
+
+
+def _check_budget(ctx: dict) -> str:
+    """Whether a signal's emergency save (and upload) fits --preemption-budget-s."""
+    if "save_s" not in ctx:
+        raise Skip("needs the checkpoint round trip")
+    budget, (_, save_s), upload_s = (ctx["config"].preemption_budget_s, ctx["save_s"],
+                                     ctx["upload_s"])
+    total = save_s + (upload_s or 0.0)
+    upload = "no bucket" if upload_s is None else f"upload {upload_s:.1f} s"
+    if save_s > budget:
+        raise RuntimeError(f"saving takes {save_s:.1f} s, more than --preemption-budget-s "
+                           f"{budget:.0f}: a preemption would lose the checkpoint; save more "
+                           f"often (--save-interval-minutes) or use a faster local disk")
+    fits = "fits" if total <= budget else "does not fit (the rest uploads at the next start)"
+    return f"save {save_s:.1f} s + {upload} = {total:.1f} s of {budget:.0f} s: {fits}"
 
 
 def _check_logdir(ctx: dict) -> str:

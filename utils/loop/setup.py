@@ -121,14 +121,12 @@ def uploads_survive_an_abort(publisher, bar, config: TrainingConfig, say) -> Ite
     bar.close()
 
 
-def finish_uploads(publisher, config: TrainingConfig, stopped_early: bool,
-                   signalled: Callable[[], bool]) -> bool:
-    """Wait for the uploads: --upload-timeout-s after a preemption, up to
-    --final-upload-timeout-s at a normal end, cut to --upload-timeout-s by a SIGTERM during
-    that wait. True when every checkpoint reached the bucket."""
-    return publisher.close(timeout=config.upload_timeout_s if stopped_early
-                           else config.final_upload_timeout_s,
-                           interrupted=signalled, after_interrupt_s=config.upload_timeout_s)
+def finish_uploads(publisher, config: TrainingConfig, signalled: Callable[[], bool]) -> bool:
+    """At a normal end, wait up to --final-upload-timeout-s for the uploads, cut to
+    --upload-timeout-s by a SIGTERM during that wait. True when every checkpoint reached the
+    bucket. (A run stopped by a signal waits within its preemption budget instead.)"""
+    return publisher.close(timeout=config.final_upload_timeout_s, interrupted=signalled,
+                           after_interrupt_s=config.upload_timeout_s)
 
 
 def prepare_output_dir(output_dir: Path, processes: Processes) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 
 class PreemptionHandler:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested = False
+        self.at = 0.0  # time.monotonic() of the first signal
+        self.name = ""
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -21,6 +24,7 @@ class PreemptionHandler:
         if self.requested:
             sys.stderr.write(f"\nsecond {signal.Signals(signum).name}: exiting now\n")
             os._exit(128 + signum)
-        self.requested = True
-        sys.stderr.write(f"\n{signal.Signals(signum).name} received: finishing this step, "
-                         f"saving and uploading (send again to exit at once)\n")
+        self.requested, self.at = True, time.monotonic()
+        self.name = signal.Signals(signum).name
+        sys.stderr.write(f"\n{self.name} received: finishing this step, saving and uploading "
+                         f"what fits the preemption budget (send again to exit at once)\n")

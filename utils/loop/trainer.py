@@ -9,7 +9,6 @@ counted only once their marker is written.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from configs.training_config import TrainingConfig
-from utils.checkpoint import TrainState, checkpoint_name, find_complete
+from utils.checkpoint import TrainState, find_complete
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.data import WindowBatchSampler
-from utils.errors import TrainingError, disk_full
+from utils.errors import TrainingError
 from utils.loop.engine import Engine, ModelInfo
+from utils.loop.gce import preemption_facts
 from utils.loop.metrics import (
     MetricsWriter,
     ThroughputMeter,
@@ -29,6 +29,7 @@ from utils.loop.metrics import (
     format_eta,
     run_summary,
 )
+from utils.loop.saving import Saver, preemption_report
 from utils.loop.schedule import lr_factor
 from utils.loop.setup import (
     claim_run,
@@ -43,8 +44,10 @@ from utils.loop.setup import (
 from utils.loop.signals import PreemptionHandler
 from utils.loop.tracker import TensorBoard
 from utils.processes import printer
-from utils.stages.base import copy_tokenizer, tokenizer_dir
+from utils.stages.base import tokenizer_dir
 from utils.stages.task import Task, build_task
+
+EXIT_S = 2.0  # of a preemption budget, kept for the process to exit (Python, CUDA teardown)
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
@@ -114,11 +117,15 @@ class Trainer:
             self.store if self.main else None, f"checkpoints/{config.run_name}",
             background=config.background_upload and self.main,
             keep_local=config.save_total_limit, remote_keep=config.remote_keep,
+            keep_every=config.keep_every_steps,
             exit_timeout_s=config.upload_timeout_s, log=self.say)
         if self.main:
             self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
         self.preemption = PreemptionHandler()
-        self.tokenizer = tokenizer_dir(self.task.meta, Path(config.data_dir))
+        self.saver = Saver(engine, self.publisher, self.ckpt_root,
+                           tokenizer_dir(self.task.meta, Path(config.data_dir)), self.metrics,
+                           self.say)
+        self.last_save = time.monotonic()
         self.interval_steps = 0
         self.pending_votes: Callable[[], list[float]] | None = None
         self.last_loss = self.eval_loss = float("nan")
@@ -206,7 +213,8 @@ class Trainer:
         config, step = self.config, self.state.step
         log_now = due(step, config.logging_steps, config.max_steps)
         save_now = due(step, config.save_steps, config.max_steps)
-        stop_now = self._vote_to_stop()
+        stop_now, on_time = self._exchange_flags()
+        save_now = save_now or on_time
         if log_now or save_now or stop_now:
             sums, grad_norm = self.engine.read_interval()
             check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
@@ -219,17 +227,22 @@ class Trainer:
             self.say(f"stopping at step {step} on request; checkpoint {self.saved[-1].name}")
         return stop_now
 
-    def _vote_to_stop(self) -> bool:
-        """Whether any process was asked to stop, agreed on by all without a per-step sync.
+    def _exchange_flags(self) -> tuple[bool, bool]:
+        """(a process was asked to stop, the main process says a timed save is due), agreed
+        on by all processes without a per-step sync.
 
-        Each step starts the exchange of this process's flag and reads the one started a
-        step earlier (arrived by now): every process stops after the same step, at most two
-        steps after the signal. One process needs no exchange."""
-        flags = [float(self.preemption.requested)]
+        Each step starts the exchange of this process's flags and reads the one started a
+        step earlier (arrived by now): every process stops or saves after the same step, at
+        most two steps after the signal. One process needs no exchange."""
+        minutes = self.config.save_interval_minutes
+        on_time = (self.main and minutes > 0
+                   and time.monotonic() - self.last_save >= minutes * 60)
+        flags = [float(self.preemption.requested), float(on_time)]
         if self.engine.num_processes == 1:
-            return flags[0] > 0
+            return flags[0] > 0, flags[1] > 0
         previous, self.pending_votes = self.pending_votes, self.engine.all_sum_later(flags)
-        return previous is not None and previous()[0] > 0
+        agreed = previous() if previous is not None else [0.0, 0.0]
+        return agreed[0] > 0, agreed[1] > 0
 
     def _log(self, sums: dict[str, float], grad_norm: float, bar: tqdm) -> None:
         config, state, steps = self.config, self.state, self.interval_steps
@@ -257,32 +270,20 @@ class Trainer:
         self.meter.reset()  # eval time is not training throughput
 
     def _save(self) -> Path:
-        try:
-            path = self.engine.save(self.state, self.config.record(), self.ckpt_root)
-        except (OSError, RuntimeError) as err:
-            if not disk_full(err, self.ckpt_root):
-                raise
-            name = checkpoint_name(self.state)
-            newest = find_complete(self.ckpt_root)
-            need = sum(f.stat().st_size for f in newest[-1].iterdir()) if newest else 0
-            raise TrainingError(
-                f"no space left on the device of {self.ckpt_root} while writing {name} (a "
-                f"checkpoint takes about {need / 2**20:,.0f} MiB, "
-                f"{shutil.disk_usage(self.ckpt_root).free / 2**20:,.0f} MiB are free): free "
-                f"space or pass another --output-dir, then --resume latest; the partial folder "
-                f"was removed and the earlier checkpoints are untouched") from None
-        if self.main:
-            copy_tokenizer(self.tokenizer, path)
-            self.publisher.submit(path)  # the marker is written after this, covering the copies
-        return path
+        self.last_save = time.monotonic()
+        return self.saver.save(self.state, self.config.record())
 
     # ------------------------------------------------------------------ the end
 
     def _finish(self, start_step: int, start_tokens: int, elapsed: float,
                 stopped_early: bool) -> dict:
         config = self.config
-        uploads_done = finish_uploads(self.publisher, config, stopped_early,
-                                      lambda: self.preemption.requested)
+        if stopped_early:
+            uploads_done = self._within_the_budget()
+        else:
+            self.saver.wait()  # the last checkpoint is written, then uploaded
+            uploads_done = finish_uploads(self.publisher, config,
+                                          lambda: self.preemption.requested)
         if self.main:
             self.tensorboard.close()
         if config.merge and config.stage != "pretrain" and not stopped_early:
@@ -296,9 +297,25 @@ class Trainer:
             elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
             saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
-            local_only=self.publisher.local_only)
+            local_only=self.publisher.local_only, saving=self.saver.totals())
         self.say(table)
         return summary
+
+
+    def _within_the_budget(self) -> bool:
+        """After a signal: the local checkpoint complete first (written, then marked), then
+        as much upload as fits ``--preemption-budget-s`` from the signal, less ``EXIT_S`` for
+        the process to exit; whatever the bucket does. The last lines say what happened (and,
+        on Compute Engine, what the VM will do)."""
+        deadline = self.preemption.at + self.config.preemption_budget_s - EXIT_S
+        facts = preemption_facts() if self.main else None  # while the write runs
+        self.saver.wait(max(0.0, deadline - time.monotonic()))
+        uploads_done = self.publisher.close(timeout=0.0 if self.saver.writing
+                                            else max(0.0, deadline - time.monotonic()))
+        if self.main:
+            self.say(preemption_report(self.state.step, self.saved[-1].name, self.saver,
+                                       self.publisher, self.config.preemption_budget_s, facts))
+        return uploads_done
 
 
 def train(config: TrainingConfig, engine: Engine) -> dict:

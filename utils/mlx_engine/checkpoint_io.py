@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +90,20 @@ def torch_optimizer_state(ckpt_dir: Path, hf_config: dict) -> dict:
 
 def _to_mx(tensor) -> mx.array:
     return mx.array(tensor.float().numpy())
+
+
+@dataclass(frozen=True)
+class WrittenSnapshot:
+    """A checkpoint MLX has already written (see ``MlxEngine.snapshot`` for why)."""
+
+    path: Path
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def write(self) -> Path:
+        return self.path
 
 
 def save_checkpoint(write_weights: Callable[[Path], None], optimizer: optim.Optimizer,

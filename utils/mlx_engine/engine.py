@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
-from utils.checkpoint import TrainState, checkpoint_name
+from utils.checkpoint import TrainState
 from utils.data import WindowBatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import ModelInfo
@@ -202,12 +202,17 @@ class MlxEngine(MlxProcesses):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
-        if not self.is_main_process:  # rank 0 writes the weights every rank holds
-            return root / checkpoint_name(state)
-        return checkpoint_io.save_checkpoint(
+    def snapshot(self, state: TrainState, config_dict: dict,
+                 root: Path) -> checkpoint_io.WrittenSnapshot | None:
+        """MLX writes the files here, before training continues: its evaluation is not
+        thread-safe (ml-explore/mlx#2133; ``save_safetensors`` evaluates internally), so a
+        background thread must not touch MLX arrays. Hashing and uploading stay in the
+        background. Rank 0 writes the weights every rank holds."""
+        if not self.is_main_process:
+            return None
+        return checkpoint_io.WrittenSnapshot(checkpoint_io.save_checkpoint(
             lambda folder: self.built.write_weights(self.params, folder), self.optimizer,
-            state, config_dict, root)
+            state, config_dict, root))
 
     def load(self, ckpt_dir: Path) -> TrainState:
         self.params, saved = checkpoint_io.load_checkpoint(

@@ -8,8 +8,11 @@ and reads the torch files (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``,
 
 from __future__ import annotations
 
+import copy
 import pickle
 import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +26,117 @@ from utils.fs import remove_stale_tmp, staged_dir
 from utils.torch_engine.lora import ADAPTER_WEIGHTS, load_adapter_weights
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
-                    config_dict: dict, root: Path) -> Path:
-    """Write a checkpoint (collectively, every rank calls this) and return its final path.
+class HostStaging:
+    """Host buffers a snapshot copies the training state into, kept from save to save.
 
-    The directory is written under a temporary name and renamed into place; the
-    marker is NOT written here but by ``write_manifest`` (in the background
-    uploader, or inline), so the blocking cost is the local write alone.
+    On CUDA they are pinned, so the copies run at full PCIe speed without blocking the GPU's
+    queue, and allocating (slow, for gigabytes of pinned memory) happens at the first save
+    only (torchtitan's ``async_with_pinned_mem`` does the same). Reuse is safe because the loop
+    never takes a snapshot while the previous one is still being written.
     """
-    final = root / checkpoint_name(state)
-    # Collectives first (every rank): RNG states and full (gathered) model/optimizer states.
-    # Only the main process writes, so other machines need no shared disk.
-    rng_states = _all_ranks(_rng_state(), accelerator.num_processes)
-    state_dict, optim_state = _full_states(accelerator, model, optimizer)
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(root, "checkpoint-*")  # writes cut short by a crash
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def copy(self, tree: Any, keep_cpu: bool, path: tuple = ()) -> Any:
+        """``tree`` with every tensor copied to host memory. ``keep_cpu``: CPU tensors are
+        already private copies (FSDP2's gather), so they are kept as they are."""
+        if isinstance(tree, dict):
+            return {k: self.copy(v, keep_cpu, (*path, k)) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.copy(v, keep_cpu, (*path, i)) for i, v in enumerate(tree))
+        if not isinstance(tree, torch.Tensor) or (keep_cpu and tree.device.type == "cpu"):
+            return tree
+        buffer = self.buffers.get(path)
+        if buffer is None or buffer.shape != tree.shape or buffer.dtype != tree.dtype:
+            buffer = torch.empty(tree.shape, dtype=tree.dtype, device="cpu",
+                                 pin_memory=tree.device.type == "cuda")
+            self.buffers[path] = buffer
+        return buffer.copy_(tree.detach(), non_blocking=True)
+
+
+@dataclass
+class Snapshot:
+    """Everything a torch checkpoint holds, in host memory: written while training goes on."""
+
+    state: TrainState
+    config_dict: dict
+    root: Path
+    weights: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: list[dict]
+    save_pretrained: Callable[..., Any]  # the unwrapped model's (config.json, safetensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors((self.weights, self.optimizer)))
+
+    def write(self) -> Path:
+        """The checkpoint folder, written under a temporary name and renamed into place.
+
+        The marker is NOT written here but by ``write_manifest`` (in the background
+        publisher), after the tokenizer is copied in."""
+        final = self.root / checkpoint_name(self.state)
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.root, "checkpoint-*")  # writes cut short by a crash
         # Replaces an earlier attempt at this step (a run resumed from an older checkpoint).
         with staged_dir(final) as tmp:
-            for rank, rng in enumerate(rng_states):
+            for rank, rng in enumerate(self.rng):
                 torch.save(rng, tmp / f"rng_state_{rank}.pt")
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            write_trainer_state(tmp, state, config_dict, backend="torch")
+            self.save_pretrained(tmp, state_dict=self.weights, safe_serialization=True)
+            torch.save(self.optimizer, tmp / "optimizer.pt")
+            torch.save(self.scheduler, tmp / "scheduler.pt")
+            if self.scaler is not None:
+                torch.save(self.scaler, tmp / "scaler.pt")
+            write_trainer_state(tmp, self.state, self.config_dict, backend="torch")
+        return final
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+
+
+def take_snapshot(accelerator, model, optimizer, scheduler, state: TrainState,
+                  config_dict: dict, root: Path, staging: HostStaging) -> Snapshot | None:
+    """Copy the whole training state into host memory: a save's only blocking part.
+
+    Collective (every rank calls it): the RNG states and, under FSDP, the full model and
+    optimizer states are gathered to the main process, the only one that writes (so other
+    machines need no shared disk); it gets the Snapshot, the others None.
+    """
+    rng_states = _all_ranks(_rng_state(), accelerator.num_processes)
+    state_dict, optim_state = _full_states(accelerator, model, optimizer)
+    if not accelerator.is_main_process:
+        return None
+    keep_cpu = _is_fsdp2(accelerator.unwrap_model(model))
+    snapshot = Snapshot(
+        copy.deepcopy(state), copy.deepcopy(config_dict), root,
+        staging.copy(state_dict, keep_cpu, ("model",)),
+        staging.copy(optim_state, keep_cpu, ("optimizer",)),
+        copy.deepcopy(scheduler.state_dict()),
+        copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler else None,
+        rng_states, accelerator.unwrap_model(model).save_pretrained)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies have landed
+    return snapshot
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: TrainState,
+                    config_dict: dict, root: Path) -> Path:
+    """Snapshot and write at once (collectively, every rank calls this); the final path."""
+    snapshot = take_snapshot(accelerator, model, optimizer, scheduler, state, config_dict, root,
+                             HostStaging())
+    path = snapshot.write() if snapshot else root / checkpoint_name(state)
     accelerator.wait_for_everyone()
-    return final
+    return path
 
 
 def _all_ranks(obj: Any, world: int) -> list[Any]:

@@ -136,6 +136,7 @@ class TorchEngine:
         self.model, compiled = self._compiled(model) if config.compile else (model, "off")
         self.model.train()
         self.loss = stage_loss(task.stage, config.dpo_beta)
+        self.staging = checkpoint_io.HostStaging()  # this stage's model: its own buffers
         self.reset_interval()
         total, non_embedding = count_parameters(hf_config)
         return ModelInfo(
@@ -221,9 +222,11 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, state: TrainState, config_dict: dict, root: Path) -> Path:
-        return checkpoint_io.save_checkpoint(self.accelerator, self.model, self.optimizer,
-                                             self.scheduler, state, config_dict, root)
+    def snapshot(self, state: TrainState, config_dict: dict,
+                 root: Path) -> checkpoint_io.Snapshot | None:
+        return checkpoint_io.take_snapshot(self.accelerator, self.model, self.optimizer,
+                                           self.scheduler, state, config_dict, root,
+                                           self.staging)
 
     def load(self, ckpt_dir: Path) -> TrainState:
         return checkpoint_io.load_checkpoint(self.accelerator, self.model, self.optimizer,
