@@ -17,12 +17,12 @@ from utils.checkpoint.format import (
     write_manifest,
 )
 from utils.checkpoint.resume import choose_resume, download, fetch, remote_complete
-from utils.checkpoint.retention import delete_run, prune, prune_remote
+from utils.checkpoint.retention import delete_run, permanent, prune, prune_remote
 from utils.errors import CheckpointError
 
 __all__ = [
     "MARKER", "CheckpointError", "TrainState", "by_step", "checkpoint_name", "choose_resume",
     "delete_run",
-    "download", "fetch", "find_complete", "prune", "prune_remote", "read_manifest",
+    "download", "fetch", "find_complete", "permanent", "prune", "prune_remote", "read_manifest",
     "remote_complete", "step_of", "verify", "write_manifest",
 ]

@@ -233,11 +233,16 @@ class CheckpointPublisher:
         return True
 
     def _enqueue_upload(self, ckpt_dir: Path) -> None:
-        """Queue for upload; beyond ``max_waiting``, the oldest waiting one stays local."""
+        """Queue for upload; beyond ``max_waiting``, the oldest waiting one stays local (never a
+        permanent one: ``keep_every`` checkpoints are what the bucket must hold)."""
         with self._wake:
             self._waiting.append(ckpt_dir)
-            dropped = (self._waiting.popleft() if len(self._waiting) > self.max_waiting
-                       else None)
+            dropped = None
+            if len(self._waiting) > self.max_waiting:
+                dropped = next((p for p in self._waiting
+                                if not checkpoint.permanent(p.name, self.keep_every)), None)
+                if dropped is not None:
+                    self._waiting.remove(dropped)
             self._wake.notify_all()
         if dropped is not None:
             reason = f"uploads fell behind and {ckpt_dir.name} is newer"

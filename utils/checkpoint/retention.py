@@ -12,7 +12,7 @@ from utils.checkpoint.format import MARKER, by_step, find_complete, step_of
 from utils.storage import Store
 
 
-def _permanent(name: str, keep_every: int) -> bool:
+def permanent(name: str, keep_every: int) -> bool:
     """A checkpoint kept forever: its step is a multiple of ``keep_every`` (0: none is)."""
     step = step_of(name)
     return keep_every > 0 and step is not None and step % keep_every == 0
@@ -29,7 +29,7 @@ def prune(root: Path, keep: int, protected: set[str] = frozenset(), *,
         return []
     complete = find_complete(root)
     doomed = [p for p in complete[:-keep]
-              if p.name not in protected and not _permanent(p.name, keep_every)]
+              if p.name not in protected and not permanent(p.name, keep_every)]
     for path in doomed:
         (path / MARKER).unlink()  # first: a deletion cut short leaves no complete-looking copy
         shutil.rmtree(path)
@@ -60,7 +60,7 @@ def prune_remote(store: Store, prefix: str, keep: int, protected: set[str] = fro
     kept = complete[-keep:]
     oldest_kept = by_step(kept[0]) if kept else (0, "")
     doomed = sorted((n for n, files in objects.items()
-                     if n not in kept and n not in protected and not _permanent(n, keep_every)
+                     if n not in kept and n not in protected and not permanent(n, keep_every)
                      and (MARKER in files or by_step(n) < oldest_kept)), key=by_step)
     for name in doomed:
         files = objects[name]
