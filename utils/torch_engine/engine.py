@@ -25,12 +25,13 @@ from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
 from utils.data import WindowBatchSampler
-from utils.errors import TrainingError
+from utils.errors import ConfigError, TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
 from utils.stages.task import Batch, Task
 from utils.torch_engine import checkpoint_io, lora
 from utils.torch_engine.compiling import compile_model
+from utils.torch_engine.fp8 import fp8_unavailable, to_float8
 from utils.torch_engine.loader import make_torch_loader
 from utils.torch_engine.losses import stage_loss
 from utils.torch_engine.model import (
@@ -115,11 +116,18 @@ class TorchEngine:
     def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
         """Model, AdamW and schedule for the stage; prepare() first, then compile."""
         self.config, acc = config, self.accelerator
+        if config.fp8:
+            reason = ("it trains the base model's linear layers, not LoRA adapters"
+                      if task.base_path is not None else fp8_unavailable(self.device))
+            if reason:
+                raise ConfigError(f"--fp8 cannot run here: {reason}; drop --fp8")
         acc.free_memory()  # a previous curriculum stage's model and optimizer
         set_seed(config.seed)
         if task.base_path is None:
             hf_config = hf_config_for(config.model, task.meta)
             model = build_model(config, task.meta)
+            if config.fp8:  # before the optimizer and prepare(), as torchao asks
+                self.accelerator.print(f"fp8: {to_float8(model)} linear layers train in float8")
         else:
             base = lora.load_base(task.base_path)
             task.check_vocab(base.config.vocab_size)
