@@ -47,7 +47,7 @@ from utils.processes import printer
 from utils.stages.base import tokenizer_dir
 from utils.stages.task import Task, build_task
 
-EXIT_S = 2.0  # of a preemption budget, kept for the process to exit (Python, CUDA teardown)
+EXIT_S = 1.0  # of a preemption budget, kept for the process to exit (see run._exit_now)
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
