@@ -90,11 +90,27 @@ def padding_ids(tokens: int, model_vocab: int) -> list[int]:
     return list(range(tokens, model_vocab))
 
 
+def generation_config_for(hf_config: GPTNeoXConfig, tokens: int):
+    """Generation defaults saved with every checkpoint (generation_config.json): the padding
+    rows' ids are suppressed, so sampling never picks an id the tokenizer cannot decode."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=hf_config.bos_token_id,
+                            eos_token_id=hf_config.eos_token_id,
+                            pad_token_id=hf_config.pad_token_id,
+                            suppress_tokens=padding_ids(tokens, hf_config.vocab_size) or None)
+
+
+def tokenizer_vocab(model: str, meta: dict | None) -> int:
+    """The tokenizer's vocabulary behind preset ``model`` and the data's ``dataset.json``."""
+    return (meta or {}).get("vocab_size") or MODEL_SIZES[model].vocab_size
+
+
 def hf_config_for(model: str, meta: dict | None) -> GPTNeoXConfig:
     """The config of preset ``model`` with the vocabulary and special ids of the data's tokenizer
     (``dataset.json``), as both backends build it."""
     meta = meta or {}
-    return to_hf_config(MODEL_SIZES[model], vocab_size=meta.get("vocab_size"),
+    return to_hf_config(MODEL_SIZES[model], vocab_size=tokenizer_vocab(model, meta),
                         bos_token_id=meta.get("bos_token_id", 0),
                         eos_token_id=meta.get("eos_token_id", 0),
                         pad_token_id=meta.get("pad_token_id"))

@@ -20,7 +20,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from configs.model_config import count_parameters, hf_config_for
+from configs.model_config import (
+    count_parameters,
+    generation_config_for,
+    hf_config_for,
+    tokenizer_vocab,
+)
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
 from utils.data import WindowBatchSampler
@@ -61,9 +66,13 @@ class _Built:
 def _pretrain_model(config: TrainingConfig, task: Task) -> _Built:
     hf_config = hf_config_for(config.model, task.meta)
     model = build_model(hf_config.to_dict(), config.seed)
-    return _Built(model, hf_config.to_dict(),
-                  lambda params, folder: save_pretrained(params, hf_config, folder),
-                  partial(load_full_weights, model))
+    generation = generation_config_for(hf_config, tokenizer_vocab(config.model, task.meta))
+
+    def write(params: dict, folder: Path) -> None:
+        save_pretrained(params, hf_config, folder)
+        generation.save_pretrained(folder)  # as torch's save_pretrained writes it
+
+    return _Built(model, hf_config.to_dict(), write, partial(load_full_weights, model))
 
 
 def _lora_model(config: TrainingConfig, task: Task, dtype: mx.Dtype) -> _Built:

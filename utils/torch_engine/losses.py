@@ -17,9 +17,19 @@ Batch = dict[str, torch.Tensor]
 
 
 def causal_lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over windows of seq_len+1 tokens (fp32 logits for stability)."""
-    logits = model(input_ids=windows[:, :-1], use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
+    """Mean next-token cross-entropy over windows of seq_len+1 tokens (fp32 logits).
+
+    A model built with ``loss_chunk_tokens`` > 0 (``utils/torch_engine/model.py``) computes
+    it inside its forward, a chunk of tokens at a time, so whole-batch fp32 logits never
+    exist; the targets go in as ``shift_labels`` (already the next tokens: not shifted
+    again). Otherwise the whole logits are upcast here, as transformers' own loss does.
+    """
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    if getattr(extract_model_from_parallel(model, keep_torch_compile=False),
+               "loss_chunk_tokens", 0) > 0:
+        return model(input_ids=inputs, shift_labels=targets, use_cache=False).loss
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def pretrain_loss(model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

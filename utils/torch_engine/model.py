@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import shutil
 import sys
+from types import MethodType
 
 import psutil
 import torch
 import torch.nn.functional as F
+from transformers import GPTNeoXForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from configs.model_config import hf_config_for
+from configs.model_config import generation_config_for, hf_config_for, tokenizer_vocab
 from configs.training_config import TrainingConfig
+from utils.stages.examples import IGNORE
+from utils.torch_engine.chunked_ce import chunked_cross_entropy
 
 CAUSAL_ATTENTION = "harness_causal_sdpa"  # the name transformers knows it by
 
@@ -64,20 +69,87 @@ def _register_causal_attention() -> None:
     AttentionMaskInterface.register(CAUSAL_ATTENTION, lambda *_, **__: None)  # build no mask
 
 
-def build_model(config: TrainingConfig, meta: dict | None):
+def chunked_loss_forward(self, input_ids: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None,
+                         position_ids: torch.Tensor | None = None,
+                         inputs_embeds: torch.Tensor | None = None, past_key_values=None,
+                         labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                         logits_to_keep: int | torch.Tensor = 0, **kwargs):
+    """GPT-NeoX's forward whose loss, given labels, never holds whole-batch fp32 logits.
+
+    Bound to a model by ``use_chunked_loss``. With ``labels`` or ``shift_labels`` it runs the
+    base model and ``chunked_cross_entropy`` on the final (layer-normed) hidden states and
+    returns the loss with no logits; the loss stays inside ``forward`` so DDP/FSDP wrappers
+    see the head used (FSDP's gather, DDP's prepare_for_backward). Arguments mean what they
+    mean to transformers: ``labels`` are shifted here (position t predicts label t+1),
+    ``shift_labels`` are already the next tokens; the loss is the mean over valid tokens, or
+    the sum over ``num_items_in_batch``. Without labels it is transformers' own forward.
+    """
+    shift_labels = kwargs.pop("shift_labels", None)
+    if labels is None and shift_labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  past_key_values=past_key_values, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    outputs = self.gpt_neox(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                            use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    total = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
+                                  self.get_output_embeddings().weight, targets,
+                                  self.loss_chunk_tokens)
+    if num_items is None:
+        loss = total / (targets != IGNORE).sum().clamp(min=1)
+    else:
+        loss = total / (num_items.to(total.device) if torch.is_tensor(num_items) else num_items)
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states,
+                                  attentions=outputs.attentions)
+
+
+def use_chunked_loss(model: GPTNeoXForCausalLM, chunk_tokens: int) -> GPTNeoXForCausalLM:
+    """Give ``model`` (in place) the chunked loss, ``chunk_tokens`` at a time (0: leave it).
+
+    A forward bound to the instance, not a subclass: transformers keys several behaviours on
+    the class (its name in config.json's ``architectures``, the embed_out <-> lm_head renaming
+    on save and load, weight init, all skipped or changed for a class defined outside
+    transformers), so the model stays exactly ``GPTNeoXForCausalLM`` and its checkpoints plain
+    GPT-NeoX for ``from_pretrained`` and mlx-lm. Wrappers (DDP, FSDP, accelerate's autocast,
+    torch.compile) call ``model.forward`` and so this one.
+    """
+    if model.get_output_embeddings().bias is not None:
+        raise ValueError("chunked_cross_entropy assumes GPT-NeoX's bias-free LM head")
+    model.loss_chunk_tokens = chunk_tokens
+    if chunk_tokens > 0:
+        model.forward = MethodType(chunked_loss_forward, model)
+    return model
+
+
+def build_model(config: TrainingConfig, meta: dict | None) -> GPTNeoXForCausalLM:
     """GPT-NeoX from config, never downloaded; vocab and special ids from the data's tokenizer.
 
-    Attention is ``causal_attention`` (windows are packed and unpadded); checkpoints do not
-    record it, so ``from_pretrained`` loads them with transformers' default.
+    Attention is ``causal_attention`` (windows are packed and unpadded) or, with
+    ``attention="sdpa"``, transformers' own; checkpoints record neither, so ``from_pretrained``
+    loads them with transformers' default. The loss runs ``config.loss_chunk_tokens`` tokens
+    at a time (``use_chunked_loss``; 0: transformers' whole-logits path).
     """
-    from transformers import GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint write is noise in the log
-    _register_causal_attention()
     hf_config = hf_config_for(config.model, meta)
-    hf_config._attn_implementation = CAUSAL_ATTENTION
-    return GPTNeoXForCausalLM(hf_config)
+    if config.attention == "causal":
+        _register_causal_attention()
+        hf_config._attn_implementation = CAUSAL_ATTENTION
+    else:
+        hf_config._attn_implementation = config.attention
+    model = GPTNeoXForCausalLM(hf_config)
+    model.generation_config = generation_config_for(hf_config,
+                                                    tokenizer_vocab(config.model, meta))
+    return use_chunked_loss(model, config.loss_chunk_tokens)
 
 
 def compile_unavailable(device: torch.device) -> str | None:
