@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
+from helpers import metrics
 from lora_data import (
     HELD_OUT_PAIRS,
     LORA,
@@ -28,7 +29,6 @@ from lora_data import (
     TRAIN_PAIRS,
     error_line,
     mean_answer_logp,
-    metrics,
     prefs,
     qa,
     refusals,

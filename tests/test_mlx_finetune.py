@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
+from helpers import metrics
 from lora_data import (
     LORA,
     PAIRS,
     TRAIN_PAIRS,
     mean_answer_logp,
-    metrics,
     prefs,
     qa,
     torch_collate,
