@@ -62,7 +62,7 @@ class TrainingConfig:
     attention: Literal["causal", "sdpa"] = "causal"
     # The LM head and cross-entropy run over this many tokens at a time, so full fp32 logits
     # never exist (0 = all at once, the plain transformers path).
-    loss_chunk_tokens: int = 8192
+    loss_chunk_tokens: int = 4096
     fp8: bool = False  # torchao float8 training of the transformer's linear layers (sm89+ GPUs)
     backend: Literal["torch", "mlx"] = "torch"
     num_workers: int = 0
