@@ -307,7 +307,9 @@ class Trainer:
         as much upload as fits ``--preemption-budget-s`` from the signal, less ``EXIT_S`` for
         the process to exit; whatever the bucket does. The last lines say what happened (and,
         on Compute Engine, what the VM will do)."""
-        deadline = self.preemption.at + self.config.preemption_budget_s - EXIT_S
+        # A process the signal did not reach (another rank was signalled) counts from now.
+        signalled_at = self.preemption.at if self.preemption.requested else time.monotonic()
+        deadline = signalled_at + self.config.preemption_budget_s - EXIT_S
         facts = preemption_facts() if self.main else None  # while the write runs
         self.saver.wait(max(0.0, deadline - time.monotonic()))
         uploads_done = self.publisher.close(timeout=0.0 if self.saver.writing
