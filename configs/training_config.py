@@ -15,7 +15,7 @@ QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
 @dataclass
 class TrainingConfig:
     # What to train: pretraining from scratch, or a LoRA stage on a base model.
-    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    stage: Literal["pretrain", "sft", "dpo", "grpo"] = "pretrain"
     model: str = "tiny"
     seq_len: int = 256
     init_from: str = ""  # sft/dpo base: a checkpoint or HF folder, or "latest" (of --init-run)
@@ -25,6 +25,15 @@ class TrainingConfig:
     lora_dropout: float = 0.1
     lora_target_modules: str = "query_key_value,dense"
     dpo_beta: float = 0.1
+    # GRPO: per prompt, sample a group of completions, reward them, push towards the better.
+    reward: str = "numeric"  # comma-separated names from utils/stages/grpo.py's registry
+    reward_module: str = ""  # path.py defining reward(prompt, completion, example) -> float
+    grpo_group_size: int = 8
+    grpo_temperature: float = 1.0
+    grpo_max_new_tokens: int = 8
+    grpo_beta: float = 0.04  # KL penalty to the base (the model with its adapters off)
+    grpo_epsilon: float = 0.2  # PPO-style clipping of the probability ratio
+    grpo_epochs: int = 1  # optimisation passes over each batch of generations
     group_by_length: bool = True  # LoRA stages: batches of similar lengths (less padding)
     quantize_bits: int = 0  # LoRA on a 4- or 8-bit frozen base (QLoRA; MLX backend); 0 = off
     topics: str = ""  # curriculum: a folder of topics, each with sft.jsonl and dpo.jsonl
