@@ -110,6 +110,26 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         validate_lora(config)
 
 
+def validate_grpo(config: TrainingConfig) -> None:
+    """GRPO settings that cannot work (the reward names are checked when they are loaded)."""
+    problems = [
+        (config.grpo_group_size < 2, f"--grpo-group-size must be >= 2 (advantages compare the "
+                                     f"completions of a prompt), got {config.grpo_group_size}"),
+        (config.grpo_max_new_tokens < 1,
+         f"--grpo-max-new-tokens must be >= 1, got {config.grpo_max_new_tokens}"),
+        (not config.grpo_temperature > 0,
+         f"--grpo-temperature must be > 0 (sampling), got {config.grpo_temperature}"),
+        (config.grpo_beta < 0 or not config.grpo_epsilon > 0,
+         f"--grpo-beta must be >= 0 and --grpo-epsilon > 0, got {config.grpo_beta} and "
+         f"{config.grpo_epsilon}"),
+        (config.grpo_epochs != 1, f"--grpo-epochs {config.grpo_epochs}: only 1 (one "
+                                  f"optimisation pass per generation batch) is supported yet"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
 def validate_lora(config: TrainingConfig) -> None:
     """LoRA settings that cannot work (SFT, DPO and curriculum stages)."""
     if not config.init_from:
@@ -128,6 +148,8 @@ def validate_lora(config: TrainingConfig) -> None:
         raise ConfigError(f"--lora-dropout must be within [0, 1), got {config.lora_dropout}")
     if config.stage == "dpo" and not config.dpo_beta > 0:
         raise ConfigError(f"--dpo-beta must be > 0, got {config.dpo_beta}")
+    if config.stage == "grpo" or config.topics:
+        validate_grpo(config)
     if config.quantize_bits not in (0, *QUANT_BITS):
         raise ConfigError(f"--quantize-bits must be {' or '.join(map(str, QUANT_BITS))} "
                           f"(0 = full-precision base), got {config.quantize_bits}")

@@ -138,6 +138,16 @@ PRESETS: dict[str, TrainingConfig] = {
         dpo_beta=0.1, logging_steps=10, eval_steps=30, eval_windows=8, save_steps=30,
         merge=True,
     ),
+    # LoRA GRPO on the newest sft checkpoint: arithmetic prompts, rewarded by the numbers the
+    # model writes (partial credit for near misses); eval_reward = greedy completions' reward
+    # on held-out prompts.
+    "grpo": TrainingConfig(
+        stage="grpo", run_name="grpo", init_from="latest", init_run="sft",
+        data_dir="data/examples/grpo", bucket="bucket", seq_len=64, max_steps=40,
+        per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=4, lora_dropout=0.0,
+        reward="numeric_partial,numeric", grpo_group_size=8, grpo_max_new_tokens=6,
+        logging_steps=5, eval_steps=20, eval_windows=16, save_steps=20, merge=True,
+    ),
     # The seed's TestConfig: the 1.2B model on a few files.
     "test": TrainingConfig(
         run_name="test", model="neox-1.2b", seq_len=2048, sync_data=True, max_files=5,

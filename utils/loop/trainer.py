@@ -65,7 +65,7 @@ def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
 
 
 def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
-    """Mean loss over the held-out examples, each process scoring its share."""
+    """Mean loss (GRPO: reward) over the held-out examples, each process scoring its share."""
     mine = task.eval_idx[engine.process_index::engine.num_processes]
     total = count = 0.0
     with engine.evaluating():
@@ -258,7 +258,9 @@ class Trainer:
         record["step_time_s"] /= steps
         record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
         if due(state.step, config.eval_steps, config.max_steps):
-            self.eval_loss = record["eval_loss"] = evaluate(
+            # GRPO's held-out number is the mean reward of greedy completions.
+            key = "eval_reward" if self.task.stage == "grpo" else "eval_loss"
+            self.eval_loss = record[key] = evaluate(
                 self.engine, self.task, config.per_device_train_batch_size)
         if self.main:
             self.metrics.write(record)

@@ -19,6 +19,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
 
 from configs.model_config import (
     count_parameters,
@@ -115,7 +117,10 @@ class MlxEngine(MlxProcesses):
                                          (config.adam_beta1, config.adam_beta2),
                                          config.adam_epsilon)
         self.optimizer.init(self.params)  # the LR is set by hand each step
-        self.loss = stage_loss(task.stage, config.dpo_beta)
+        self.task = task
+        self.loss = stage_loss(task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
+                               grpo_epsilon=config.grpo_epsilon,
+                               grpo_temperature=config.grpo_temperature)
         self._step_fns: tuple[Callable, Callable] | None = None  # after a resume: see _fns
         self.reset_interval()
         total, non_embedding = count_parameters(built.hf_config)
@@ -169,12 +174,15 @@ class MlxEngine(MlxProcesses):
         loss_and_grads, update = self._fns()
         grads = None
         for micro, rows in enumerate(micro_batches):
+            # Dropout masks (and GRPO's samples) are a function of (seed, step, micro-batch):
+            # resume repeats them.
+            mx.random.seed(config.seed + self.process_index + 100_003 * (
+                step * accum + micro + 1))
+            if self.task.rollout is not None:  # GRPO: the prompts become scored completions
+                rows = self._rollout(rows, accum)
             batch = to_mx(rows)
             if target_count is not None:
                 batch["target_count"] = mx.array(target_count, mx.float32)
-            # Dropout masks are a function of (seed, step, micro-batch): resume repeats them.
-            mx.random.seed(config.seed + self.process_index + 100_003 * (
-                step * accum + micro + 1))
             (loss, extras), micro_grads = loss_and_grads(self.params, batch)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
@@ -206,8 +214,43 @@ class MlxEngine(MlxProcesses):
             self.model.train()
 
     def eval_loss(self, batch: Batch) -> float:
+        if self.task.rollout is not None:  # GRPO: the mean reward of greedy completions
+            return self.task.rollout(batch, self._generate(batch, sample=False))[1]["reward_mean"]
         loss, _ = self.loss(self.model, to_mx(batch))
         return loss.item()
+
+    # ------------------------------------------------------------------ GRPO
+
+    def _rollout(self, prompts: Batch, accum: int) -> Batch:
+        """Sample, score and build the training batch (see the torch engine's)."""
+        with self.evaluating():
+            completions = self._generate(prompts, sample=True)
+        batch, stats = self.task.rollout(prompts, completions)
+        for key, value in stats.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value / accum
+        return batch
+
+    def _generate(self, prompts: Batch, sample: bool) -> np.ndarray:
+        """Completions with mlx-lm's ``generate_step``, prompt by prompt (prompt-major rows,
+        ``group_size`` per prompt when sampling), right-padded with the pad id. Call it with
+        the model in eval mode holding the current weights (``evaluating``)."""
+        spec = self.task.sampling
+        sampler = make_sampler(spec.temperature if sample else 0.0)
+        rows: list[list[int]] = []
+        for ids, mask in zip(prompts["input_ids"], prompts["attention_mask"], strict=True):
+            prompt = mx.array(ids[mask.astype(bool)])
+            for _ in range(spec.group_size if sample else 1):
+                tokens: list[int] = []
+                for token, _ in generate_step(prompt, self.model,
+                                              max_tokens=spec.max_new_tokens, sampler=sampler):
+                    tokens.append(token)
+                    if token == spec.eos_id:
+                        break
+                rows.append(tokens)
+        out = np.full((len(rows), max(1, max(len(r) for r in rows))), spec.pad_id, np.int64)
+        for row, tokens in zip(out, rows, strict=True):
+            row[:len(tokens)] = tokens
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 

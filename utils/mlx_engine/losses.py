@@ -18,7 +18,10 @@ Batch = dict[str, mx.array]
 
 
 def to_mx(batch: dict[str, np.ndarray]) -> Batch:
-    return {key: mx.array(value.astype(np.int32)) for key, value in batch.items()}
+    """Token ids and masks as int32; float arrays (GRPO's advantages and log-probs) as float32,
+    which an int cast would truncate."""
+    return {key: mx.array(value.astype(np.float32 if np.issubdtype(value.dtype, np.floating)
+                                       else np.int32)) for key, value in batch.items()}
 
 
 def causal_lm_loss(model: nn.Module, windows: mx.array) -> mx.array:
@@ -80,8 +83,111 @@ def pretrain_loss(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, m
     return causal_lm_loss(model, batch["input_ids"]), {}
 
 
-def stage_loss(stage: str, dpo_beta: float):
-    """(model, batch) -> (loss, extra metrics) for ``stage``."""
+class _RowPositions:
+    """Stands in for mlx-lm's KV cache in one whole-sequence forward of left-padded rows.
+
+    mlx-lm's GPT-NeoX takes no attention mask or positions; it reads both from its cache
+    (``create_attention_mask`` asks the cache for ``make_mask``, ``Attention`` rotates by
+    ``cache.offset``). Its batched generation (``BatchKVCache``) sets each row's offset to
+    minus its left padding, so a real token's position is its index among the real tokens:
+    transformers' ``generate`` positions (``cumsum(mask) - 1``). This object does the same
+    and stores nothing: keys and values pass through.
+    """
+
+    def __init__(self, attention_mask: mx.array):
+        length = attention_mask.shape[1]
+        real = attention_mask.astype(mx.bool_)
+        left_padding = (mx.cumsum(real.astype(mx.int32), axis=1) == 0).sum(axis=1)
+        self.offset = -left_padding
+        causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
+        # Each query sees the real keys up to itself; a left-padding query sees only itself, so
+        # no softmax row is empty (NaN); its output never reaches the completion mask.
+        self.mask = (causal[None] & (real[:, None, :] | mx.eye(length, dtype=mx.bool_)[None])
+                     )[:, None]
+
+    def make_mask(self, *_: object, **__: object) -> mx.array:
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+
+def token_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) -> mx.array:
+    """(B, T) fp32: position t holds log p(input_ids[t] | input_ids[:t]); position 0 holds 0.
+
+    As torch's: left-padded prompt + right-padded completion, padding masked out of the
+    attention, positions counted from each row's first real token (see ``_RowPositions``;
+    mlx-lm's own generation of an unpadded prompt uses the same positions), logits divided
+    by the sampling temperature.
+    """
+    ids = batch["input_ids"]
+    rows = _RowPositions(batch["attention_mask"])
+    logits = model(ids, cache=[rows] * len(model.layers)).astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = -nn.losses.cross_entropy(logits[:, :-1], ids[:, 1:], reduction="none")
+    return mx.concatenate([mx.zeros((ids.shape[0], 1), mx.float32), logps], axis=1)
+
+
+def grpo_from_logps(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None,
+                    advantages: mx.array, completion_mask: mx.array, beta: float,
+                    epsilon: float, bias_correction_kl: bool = True,
+                    ) -> tuple[mx.array, dict[str, mx.array]]:
+    """TRL's GRPO loss for ``loss_type="grpo"``: see the torch twin for the formula, why this
+    loss type and ``bias_correction_kl`` (TRL 1.16's default, on). Same metrics (``kl`` only
+    with a reference), none carrying gradient."""
+    if ref_logps is None and beta != 0.0:
+        raise ValueError("grpo_from_logps: ref_logps is needed when beta != 0")
+    mask = completion_mask.astype(mx.float32)
+    on = mask > 0
+    adv = advantages.astype(mx.float32)[:, None]
+    ratio = mx.exp(mx.where(on, logps - old_logps, 0.0))
+    clipped = mx.clip(ratio, 1 - epsilon, 1 + epsilon)
+    per_token = -mx.minimum(ratio * adv, clipped * adv)
+    metrics: dict[str, mx.array] = {}
+    tokens = mx.maximum(mask.sum(), 1)
+    if ref_logps is not None:
+        delta = mx.where(on, ref_logps - logps, 0.0)
+        kl = mx.exp(delta) - delta - 1
+        if bias_correction_kl:
+            kl = kl * ratio
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+        metrics["kl"] = mx.stop_gradient((kl * mask).sum() / tokens)
+    loss = ((per_token * mask).sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1)).mean()
+    low = ((ratio < 1 - epsilon) & (adv < 0)).astype(mx.float32)
+    high = ((ratio > 1 + epsilon) & (adv > 0)).astype(mx.float32)
+    metrics["clip_ratio"] = mx.stop_gradient((mx.maximum(low, high) * mask).sum() / tokens)
+    metrics["clip_ratio_low"] = mx.stop_gradient((low * mask).sum() / tokens)
+    metrics["clip_ratio_high"] = mx.stop_gradient((high * mask).sum() / tokens)
+    return loss, metrics
+
+
+def grpo_loss(model: nn.Module, batch: Batch, beta: float, epsilon: float,
+              temperature: float = 1.0,
+              bias_correction_kl: bool = True) -> tuple[mx.array, dict[str, mx.array]]:
+    """GRPO on a rollout batch; the reference is the model with its adapters off (no
+    gradient) unless the batch brings ``ref_logps``, and ``old_logps`` defaults to the
+    policy's own log-probs without gradient (ratio 1), as torch's."""
+    ref = batch.get("ref_logps")
+    if ref is None and beta != 0.0:
+        with adapters_disabled(model):
+            ref = mx.stop_gradient(token_logps(model, batch, temperature))
+    logps = token_logps(model, batch, temperature)
+    old = batch.get("old_logps")
+    return grpo_from_logps(logps, mx.stop_gradient(logps) if old is None else old, ref,
+                           batch["advantages"], batch["completion_mask"], beta, epsilon,
+                           bias_correction_kl)
+
+
+def stage_loss(stage: str, dpo_beta: float, *, grpo_beta: float | None = None,
+               grpo_epsilon: float | None = None, grpo_temperature: float = 1.0):
+    """(model, batch) -> (loss, extra metrics) for ``stage``; the GRPO settings as torch's."""
+    if stage == "grpo":
+        if grpo_beta is None or grpo_epsilon is None:
+            raise ValueError("stage_loss('grpo') needs grpo_beta and grpo_epsilon")
+        return lambda model, batch: grpo_loss(model, batch, grpo_beta, grpo_epsilon,
+                                              grpo_temperature)
     if stage == "dpo":
         return lambda model, batch: dpo_loss(model, batch, dpo_beta)
     return sft_loss if stage == "sft" else pretrain_loss

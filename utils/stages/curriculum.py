@@ -1,6 +1,8 @@
-"""``--topics DIR``: SFT then DPO for each topic in order, each stage starting from the last.
+"""``--topics DIR``: SFT, DPO (and GRPO) for each topic in order, each stage starting from the
+last.
 
-A topic is a subfolder of DIR holding ``sft.jsonl`` and ``dpo.jsonl``; topics run in sorted
+A topic is a subfolder of DIR holding ``sft.jsonl`` and ``dpo.jsonl``, and optionally
+``grpo.jsonl`` (then GRPO runs after DPO); topics run in sorted
 folder order (name them ``01-...``, ``02-...``). Each stage is an ordinary LoRA run of the
 shared loop with its own run name and output folder, ``OUTPUT_DIR/<topic>/<stage>``, whose
 final adapters are merged into ``.../merged``: the base of the next stage.
@@ -25,7 +27,8 @@ from utils.processes import Processes, printer
 from utils.stages.base import resolve_base
 
 STATE_FILE = "curriculum.json"
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo")  # every topic has these
+OPTIONAL_STAGES = ("grpo",)  # run after them where the topic has the file
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ def plan(topics_dir: Path) -> list[Stage]:
                 raise DataError(f"topic {topic} has no {stage}.jsonl; every topic needs "
                                 f"{' and '.join(s + '.jsonl' for s in STAGES)}")
             stages.append(Stage(topic.name, stage, data))
+        stages += [Stage(topic.name, stage, topic / f"{stage}.jsonl") for stage in OPTIONAL_STAGES
+                   if (topic / f"{stage}.jsonl").is_file()]
     return stages
 
 

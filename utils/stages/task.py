@@ -29,6 +29,14 @@ from utils.stages.examples import (
     pad_dpo,
     pad_sft,
 )
+from utils.stages.grpo import (
+    Sampling,
+    load_grpo,
+    load_rewards,
+    pad_prompts,
+    prompt_lengths,
+    rollout,
+)
 
 Batch = dict[str, np.ndarray]
 
@@ -49,6 +57,10 @@ class Task:
     meta: dict = field(default_factory=dict)  # dataset.json; "tokenizer" names its folder
     base_path: Path | None = None   # LoRA stages: the model the adapters train on
     vocab_size: int = 0             # LoRA stages: the tokenizer's (the base must cover it)
+    # GRPO: how the engine samples completions of a prompt batch, and what turns the prompts
+    # and completions into a scored training batch (+ statistics). None for other stages.
+    sampling: Sampling | None = None
+    rollout: Callable[[Batch, np.ndarray], tuple[Batch, dict[str, float]]] | None = None
 
     def check_vocab(self, model_vocab: int) -> None:
         """CheckpointError if the tokenizer has ids the base model cannot embed."""
@@ -103,24 +115,42 @@ def finetune_task(config: TrainingConfig, processes: Processes) -> Task:
     base_path = resolve_base(config, processes)
     tokenizer = load_tokenizer(resolve_tokenizer(base_path))
     files = data_files(config.data_dir)
-    load = load_dpo if config.stage == "dpo" else load_sft
-    examples = load(files, encoder(tokenizer), tokenizer.eos_token_id, config.seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    if config.stage == "grpo":
+        examples = load_grpo(files, encoder(tokenizer),
+                             config.seq_len - config.grpo_max_new_tokens)
+        collate, lengths = partial(pad_prompts, pad_id=pad_id), prompt_lengths(examples)
+    else:
+        load = load_dpo if config.stage == "dpo" else load_sft
+        examples = load(files, encoder(tokenizer), tokenizer.eos_token_id, config.seq_len)
+        collate = partial(pad_dpo if config.stage == "dpo" else pad_sft, pad_id=pad_id)
+        lengths = example_lengths(examples)
     # Held out: --eval-windows examples, at most a tenth of the data (small datasets).
     n_eval = min(config.eval_windows, max(1, len(examples) // 10)) if len(examples) > 1 else 0
     train_idx, eval_idx = train_eval_split(len(examples), n_eval, config.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
     # The loop copies every file of meta["tokenizer"] into each checkpoint: give it a folder
     # with the tokenizer alone (the base's folder also holds weights and training state).
     own_tokenizer = Path(config.effective_output_dir) / "tokenizer"
     with local_main_first(processes):
         if processes.is_local_main_process:
             tokenizer.save_pretrained(own_tokenizer)
-    return Task(stage=config.stage, examples=examples, train_idx=train_idx, eval_idx=eval_idx,
-                num_files=len(files),
-                collate=partial(pad_dpo if config.stage == "dpo" else pad_sft, pad_id=pad_id),
-                count_tokens=_real_tokens,
+    task = Task(stage=config.stage, examples=examples, train_idx=train_idx, eval_idx=eval_idx,
+                num_files=len(files), collate=collate, count_tokens=_real_tokens,
                 count_targets=_answer_targets if config.stage == "sft" else None,
-                lengths=example_lengths(examples) if config.group_by_length else None,
+                lengths=lengths if config.group_by_length else None,
                 meta={"tokenizer": str(own_tokenizer)}, base_path=base_path,
                 vocab_size=len(tokenizer))
+    if config.stage == "grpo":
+        _make_grpo(task, config, tokenizer, pad_id)
+    return task
+
+
+def _make_grpo(task: Task, config: TrainingConfig, tokenizer, pad_id: int) -> None:
+    """GRPO's sampling and rollout on a Task (the rewards are loaded, so checked, at start)."""
+    task.sampling = Sampling(config.grpo_group_size, config.grpo_temperature,
+                             config.grpo_max_new_tokens, tokenizer.eos_token_id, pad_id)
+    task.rollout = partial(rollout, examples=task.examples,
+                           rewards=load_rewards(config.reward, config.reward_module),
+                           decode=partial(tokenizer.decode, skip_special_tokens=True),
+                           sampling=task.sampling)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, extract_model_from_parallel, set_seed
 
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
@@ -143,7 +143,10 @@ class TorchEngine:
         model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.model, compiled = self._compiled(model) if config.compile else (model, "off")
         self.model.train()
-        self.loss = stage_loss(task.stage, config.dpo_beta)
+        self.task = task
+        self.loss = stage_loss(task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
+                               grpo_epsilon=config.grpo_epsilon,
+                               grpo_temperature=config.grpo_temperature)
         self.staging = checkpoint_io.HostStaging()  # this stage's model: its own buffers
         self.reset_interval()
         total, non_embedding = count_parameters(hf_config)
@@ -181,6 +184,8 @@ class TorchEngine:
         """
         acc, accum = self.accelerator, len(micro_batches)
         for batch in micro_batches:
+            if self.task.rollout is not None:  # GRPO: the prompts become scored completions
+                batch = self._rollout(batch, accum)
             batch = self._on_device(batch)
             if target_count is not None:
                 batch["target_count"] = torch.tensor(target_count, device=self.device)
@@ -225,8 +230,44 @@ class TorchEngine:
             self.model.train()
 
     def eval_loss(self, batch: Batch) -> float:
+        if self.task.rollout is not None:  # GRPO: the mean reward of greedy completions
+            return self.task.rollout(batch, self._generate(batch, sample=False))[1]["reward_mean"]
         loss, _ = self.loss(self.model, self._on_device(batch))
         return loss.item()
+
+    # ------------------------------------------------------------------ GRPO
+
+    def _rollout(self, prompts: Batch, accum: int) -> Batch:
+        """Sample a group of completions per prompt with the current policy; the task scores
+        them and builds the training batch (advantages, masks). Its statistics join the
+        interval's sums, on the device like the loss."""
+        batch, stats = self.task.rollout(prompts, self._generate(prompts, sample=True))
+        for key, value in stats.items():
+            self._sums[key] = self._sums.get(key, 0.0) + torch.tensor(
+                value / accum, dtype=torch.float32, device=self.device)
+        return batch
+
+    def _generate(self, prompts: Batch, sample: bool) -> np.ndarray:
+        """Completions (rows: prompt-major, ``group_size`` per prompt when sampling) with
+        transformers' ``generate``: dropout off, the torch RNG (restored on resume) drawing."""
+        spec = self.task.sampling
+        model = extract_model_from_parallel(self.model, keep_torch_compile=False)
+        training = model.training
+        model.eval()
+        ids = torch.from_numpy(prompts["input_ids"]).to(self.device)
+        options = dict(do_sample=True, temperature=spec.temperature, top_k=0, top_p=1.0,
+                       num_return_sequences=spec.group_size) if sample else dict(
+            do_sample=False, num_return_sequences=1)
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.from_numpy(prompts["attention_mask"]).to(self.device),
+                    max_new_tokens=spec.max_new_tokens, pad_token_id=spec.pad_id,
+                    eos_token_id=spec.eos_id, **options)
+        finally:
+            model.train(training)
+        return out[:, ids.shape[1]:].cpu().numpy()
 
     # ------------------------------------------------------------------ checkpoints
 

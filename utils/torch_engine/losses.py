@@ -93,8 +93,124 @@ def dpo_loss(model, batch: dict[str, torch.Tensor],
     return dpo_from_logps(policy[:half], policy[half:], ref[:half], ref[half:], beta)
 
 
-def stage_loss(stage: str, dpo_beta: float):
-    """(model, batch) -> (loss, extra metrics) for ``stage``."""
+def token_logps(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) fp32: position t holds log p(input_ids[t] | input_ids[:t]); position 0 holds 0.
+
+    Rows are GRPO sequences: a left-padded prompt, then a right-padded completion. The
+    positions are transformers' ``generate`` ones (``_prepare_position_ids_for_generation``:
+    ``cumsum(attention_mask) - 1``, 0 on padding), so a sampled token is scored at the
+    position it was sampled at. (TRL passes no ``position_ids``, which gives 0..T-1 with the
+    padding counted; GPT-NeoX's rotary attention depends only on position differences, so the
+    two agree to float rounding, ~5e-7 here.) Logits are divided by the sampling temperature,
+    as TRL's fused LM head does, so the ratio to the sampler's log-probs compares like with
+    like. A left-padded row's first real token is scored after padding only: a prompt token,
+    outside the completion mask, and not comparable across backends.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   use_cache=False).logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    nll = F.cross_entropy(logits.flatten(0, 1), _next_tokens(ids).flatten(),
+                          ignore_index=IGNORE, reduction="none").view(ids.shape)
+    return F.pad(-nll[:, :-1], (1, 0))
+
+
+def grpo_from_logps(logps: torch.Tensor, old_logps: torch.Tensor,
+                    ref_logps: torch.Tensor | None, advantages: torch.Tensor,
+                    completion_mask: torch.Tensor, beta: float, epsilon: float,
+                    bias_correction_kl: bool = True,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TRL's GRPO loss for ``loss_type="grpo"`` (DeepSeekMath's formula), per-token inputs (B, T).
+
+    per_token = -min(r A, clip(r, 1-eps, 1+eps) A) + beta * k3 [* r], with
+    r = exp(logp - old) and k3 = exp(ref - logp) - (ref - logp) - 1 (a never negative
+    estimate of KL(policy || reference)); the loss is the mean over each sequence's
+    completion tokens, then the mean over sequences (trl 1.16.0, trl/trainer/grpo_trainer.py,
+    ``GRPOTrainer._compute_loss``, lines 3020-3157). TRL 1.16's default is
+    ``loss_type="dapo"`` (one token-weighted mean over the whole accumulated batch); we
+    implement "grpo" because it is the paper's objective, needs no count of the tokens of
+    the whole optimizer step, and does not change with how a step is split into
+    micro-batches of whole sequences. TRL divides by the gradient accumulation steps inside
+    the loss; our engines average the micro-batches themselves, so this is TRL's loss with
+    accumulation 1.
+
+    ``bias_correction_kl`` multiplies k3 by r, as TRL 1.16 does by default
+    (``GRPOConfig.use_bias_correction_kl=True``, after DeepSeek-V3.2): the completions were
+    sampled from the old policy, and the ratio makes the KL term's gradient the unbiased
+    reverse-KL gradient. It changes the gradient even at r = 1 (r carries one), not the
+    value there. False gives the original DeepSeekMath term, beta * k3.
+
+    ``ref_logps`` may be None only when ``beta`` is 0 (no KL term, no "kl" metric). Outside
+    the mask, the log-ratios are set to 0 before exponentiating: a padding position can then
+    never turn into inf * 0 = NaN, and the masked positions carry no gradient.
+
+    Metrics (no gradient), means over all completion tokens of the batch as TRL logs them:
+    ``kl`` (the KL term as it enters the loss, before beta), ``clip_ratio`` (TRL's
+    ``clip_ratio/region_mean``: tokens whose ratio left the clip range on the side where
+    clipping removes their gradient) and its two sides, ``clip_ratio_low``/``_high``.
+    """
+    if ref_logps is None and beta != 0.0:
+        raise ValueError("grpo_from_logps: ref_logps is needed when beta != 0")
+    mask = completion_mask.to(logps.dtype)
+    on = mask > 0
+    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    ratio = torch.exp(torch.where(on, logps - old_logps, 0.0))
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    metrics: dict[str, torch.Tensor] = {}
+    tokens = mask.sum().clamp(min=1)
+    if ref_logps is not None:
+        delta = torch.where(on, ref_logps - logps, 0.0)
+        kl = torch.exp(delta) - delta - 1
+        if bias_correction_kl:
+            kl = kl * ratio
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / tokens).detach()
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)
+    high = ((ratio > 1 + epsilon) & (adv > 0)).to(mask.dtype)
+    metrics["clip_ratio"] = ((torch.maximum(low, high) * mask).sum() / tokens).detach()
+    metrics["clip_ratio_low"] = ((low * mask).sum() / tokens).detach()
+    metrics["clip_ratio_high"] = ((high * mask).sum() / tokens).detach()
+    return loss, metrics
+
+
+def grpo_loss(model, batch: Batch, beta: float, epsilon: float, temperature: float = 1.0,
+              bias_correction_kl: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO on a rollout batch (see ``token_logps`` for its rows).
+
+    The reference is the same model with its adapters disabled, under no_grad, unless the
+    batch brings ``ref_logps`` (or beta is 0: no reference at all, as TRL). ``old_logps``
+    (the sampling policy, needed when one rollout trains several epochs) defaults to the
+    policy's own log-probs detached: ratio 1, TRL's shortcut for one epoch.
+    """
+    ref = batch.get("ref_logps")
+    if ref is None and beta != 0.0:
+        peft_model = extract_model_from_parallel(model, keep_torch_compile=False)
+        with torch.no_grad(), peft_model.disable_adapter():  # through the wrapper (DDP/FSDP)
+            ref = token_logps(model, batch, temperature)
+    logps = token_logps(model, batch, temperature)
+    old = batch.get("old_logps")
+    return grpo_from_logps(logps, logps.detach() if old is None else old, ref,
+                           batch["advantages"], batch["completion_mask"], beta, epsilon,
+                           bias_correction_kl)
+
+
+def stage_loss(stage: str, dpo_beta: float, *, grpo_beta: float | None = None,
+               grpo_epsilon: float | None = None, grpo_temperature: float = 1.0):
+    """(model, batch) -> (loss, extra metrics) for ``stage``.
+
+    The GRPO settings are keyword-only and have no defaults of their own for "grpo" (the
+    config's are the only ones): a caller that forgets them fails here, not silently.
+    """
+    if stage == "grpo":
+        if grpo_beta is None or grpo_epsilon is None:
+            raise ValueError("stage_loss('grpo') needs grpo_beta and grpo_epsilon")
+        return lambda model, batch: grpo_loss(model, batch, grpo_beta, grpo_epsilon,
+                                              grpo_temperature)
     if stage == "dpo":
         return lambda model, batch: dpo_loss(model, batch, dpo_beta)
     return sft_loss if stage == "sft" else pretrain_loss
