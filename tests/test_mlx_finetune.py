@@ -274,7 +274,7 @@ def test_validate_checks_the_stage_data_and_base_on_the_chosen_backend(tiny_base
             "--init-from", str(tiny_base), "--output-dir", str(tmp_path / "out")]
     ok = run_train(*args, "--data-dir", str(data), tmp_path=tmp_path, env=ENV)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
-    assert ok.stdout.count("[PASS]") == 7 and "[skip] bucket" in ok.stdout
+    assert ok.stdout.count("[PASS]") == 8 and "[skip] bucket" in ok.stdout
     assert f"18 training examples, 2 held out; base {tiny_base.resolve()}" in ok.stdout
     assert ("mlx on" if backend == "mlx" else "torch on") in ok.stdout
     assert "trainable" in ok.stdout and "after reload" in ok.stdout

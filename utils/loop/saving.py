@@ -56,6 +56,7 @@ class Saver:
     times: dict[str, SaveTimes] = field(default_factory=dict)
     _thread: threading.Thread | None = None
     _error: BaseException | None = None
+    _error_name: str = ""
     _host_bytes_told: bool = False
 
     def __post_init__(self) -> None:
@@ -90,7 +91,7 @@ class Saver:
             if self.tokenizer is not None:
                 copy_tokenizer(self.tokenizer, path)
         except BaseException as err:  # noqa: BLE001 - raised in the loop by wait()
-            self._error = err
+            self._error, self._error_name = err, times.name
             return
         times.write_s = time.perf_counter() - started
         self.publisher.submit(path)  # the marker is written after this, covering the copies
@@ -105,23 +106,24 @@ class Saver:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            self._raise(err)
+            self._raise(err, self._error_name)
         return time.perf_counter() - started
 
     @property
     def writing(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _raise(self, err: BaseException) -> None:
+    def _raise(self, err: BaseException, name: str) -> None:
         if not isinstance(err, (OSError, RuntimeError)) or not disk_full(err, self.root):
             raise err
         newest = find_complete(self.root)
         need = sum(f.stat().st_size for f in newest[-1].iterdir()) if newest else 0
+        free = shutil.disk_usage(self.root).free
         raise TrainingError(
-            f"no space left on the device of {self.root} while writing a checkpoint (one takes "
-            f"about {need / 2**20:,.0f} MiB, {shutil.disk_usage(self.root).free / 2**20:,.0f} "
-            f"MiB are free): free space or pass another --output-dir, then --resume latest; "
-            f"the partial folder was removed and the earlier checkpoints are untouched") from None
+            f"no space left on the device of {self.root} while writing {name} (a checkpoint "
+            f"takes about {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free): free "
+            f"space or pass another --output-dir, then --resume latest; the partial folder was "
+            f"removed and the earlier checkpoints are untouched") from None
 
     def _published(self, record: Published) -> None:
         """The publisher settled a checkpoint (any thread): its metrics record, once."""

@@ -176,6 +176,8 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
                    disable=not self.main, dynamic_ncols=True)
         stopped_early = False
+        if self.task.stage == "grpo" and state.step == 0:
+            self._baseline_reward()
         self.meter.reset()
         with uploads_survive_an_abort(self.publisher, bar, config, self.say):
             while state.step < config.max_steps and not stopped_early:
@@ -186,6 +188,14 @@ class Trainer:
                 self.pending_votes()  # the last exchange, so no collective is left in flight
         elapsed = time.perf_counter() - started
         return self._finish(start_step, start_tokens, elapsed, stopped_early)
+
+    def _baseline_reward(self) -> None:
+        """GRPO: the base's held-out reward before any step, what the run improves on."""
+        reward = evaluate(self.engine, self.task, self.config.per_device_train_batch_size)
+        self.say(f"eval_reward before training: {reward:.4f}")
+        if self.main:
+            self.metrics.write({"step": 0, "eval_reward": reward})
+            self.tensorboard.log({"eval_reward": reward}, 0)
 
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""

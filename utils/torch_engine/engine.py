@@ -53,6 +53,12 @@ def _cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def _as_numpy(batch: dict) -> Batch:
+    """A batch as the stage's numpy arrays (the torch loader hands over tensors)."""
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in batch.items()}
+
+
 class TorchEngine:
     """``utils.loop.engine.Engine`` over accelerate."""
 
@@ -75,6 +81,9 @@ class TorchEngine:
         self.is_local_main_process = acc.is_local_main_process
         self.where = f"{self.num_processes} process(es)"
         self.accelerated = self.device.type != "cpu"
+        reason = fp8_unavailable(self.device) if config.fp8 else None
+        if reason:  # before any data is read or synced
+            raise ConfigError(f"--fp8 cannot run here: {reason}; drop --fp8")
         self._compile_started: float | None = None
 
     # ------------------------------------------------------------------ processes
@@ -116,11 +125,9 @@ class TorchEngine:
     def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
         """Model, AdamW and schedule for the stage; prepare() first, then compile."""
         self.config, acc = config, self.accelerator
-        if config.fp8:
-            reason = ("it trains the base model's linear layers, not LoRA adapters"
-                      if task.base_path is not None else fp8_unavailable(self.device))
-            if reason:
-                raise ConfigError(f"--fp8 cannot run here: {reason}; drop --fp8")
+        if config.fp8 and task.base_path is not None:
+            raise ConfigError("--fp8 trains the base model's linear layers, not LoRA adapters; "
+                              "drop --fp8 for this stage")
         acc.free_memory()  # a previous curriculum stage's model and optimizer
         set_seed(config.seed)
         if task.base_path is None:
@@ -231,7 +238,9 @@ class TorchEngine:
 
     def eval_loss(self, batch: Batch) -> float:
         if self.task.rollout is not None:  # GRPO: the mean reward of greedy completions
-            return self.task.rollout(batch, self._generate(batch, sample=False))[1]["reward_mean"]
+            prompts = _as_numpy(batch)
+            return self.task.rollout(prompts, self._generate(prompts, sample=False))[1][
+                "reward_mean"]
         loss, _ = self.loss(self.model, self._on_device(batch))
         return loss.item()
 
@@ -241,6 +250,7 @@ class TorchEngine:
         """Sample a group of completions per prompt with the current policy; the task scores
         them and builds the training batch (advantages, masks). Its statistics join the
         interval's sums, on the device like the loss."""
+        prompts = _as_numpy(prompts)
         batch, stats = self.task.rollout(prompts, self._generate(prompts, sample=True))
         for key, value in stats.items():
             self._sums[key] = self._sums.get(key, 0.0) + torch.tensor(
