@@ -173,11 +173,11 @@ class Trainer:
         """Train to ``max_steps`` (or a preemption); returns the run's summary."""
         config, state = self.config, self.state
         start_step, start_tokens, started = state.step, state.tokens_seen, time.perf_counter()
+        if self.task.stage == "grpo" and state.step == 0:
+            self._baseline_reward()
         bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
                    disable=not self.main, dynamic_ncols=True)
         stopped_early = False
-        if self.task.stage == "grpo" and state.step == 0:
-            self._baseline_reward()
         self.meter.reset()
         with uploads_survive_an_abort(self.publisher, bar, config, self.say):
             while state.step < config.max_steps and not stopped_early:
