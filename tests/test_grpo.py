@@ -85,3 +85,14 @@ def test_grpo_logs_rewards_and_resumes_exactly(backend, tiny_base, sums, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = {r["step"]: r["reward_mean"] for r in metrics(tmp_path / "cut") if r["step"]}
     assert again == {r["step"]: r["reward_mean"] for r in records}, json.dumps(records)
+
+
+def test_a_stage_on_a_lora_checkpoint_records_that_checkpoint_as_its_base(tiny_base, tmp_path):
+    """DPO/GRPO after SFT: the adapters' base is the SFT checkpoint (which merges its own
+    adapters in), not the model that checkpoint was trained on."""
+    from configs.training_config import preset
+    from utils.torch_engine.lora import build_lora_model, load_base
+
+    sft_checkpoint = tmp_path / "sft-checkpoint"
+    model = build_lora_model(load_base(tiny_base), preset("grpo"), sft_checkpoint)
+    assert model.peft_config["default"].base_model_name_or_path == str(sft_checkpoint)

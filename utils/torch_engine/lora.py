@@ -43,7 +43,13 @@ def load_base(path: Path) -> GPTNeoXForCausalLM:
 
 def build_lora_model(base: GPTNeoXForCausalLM, config: TrainingConfig,
                      base_path: Path) -> PeftModel:
-    """Frozen base + trainable LoRA adapters; the adapter config records where the base is."""
+    """Frozen base + trainable LoRA adapters; the adapter config records where the base is.
+
+    peft records the model's own ``name_or_path`` instead of ours; a base that is itself a
+    LoRA checkpoint (DPO or GRPO after SFT) was loaded from ITS base, so peft would name that
+    one, and a merge would then skip the earlier stage's adapters: name ``base_path`` first.
+    """
+    base.name_or_path = str(base_path)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout,
                       target_modules=config.lora_targets,
