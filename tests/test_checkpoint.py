@@ -411,3 +411,20 @@ def test_exit_waits_for_pending_uploads(saved, tmp_path):
     assert "exiting: waiting up to 60 s for checkpoint uploads" in result.stdout
     assert "uploaded checkpoint-epoch0-step2-files1" in result.stdout
     assert verify(bucket / "ck" / path.name, hashes=True) is None
+
+
+def test_catch_up_also_uploads_permanent_checkpoints_the_bucket_lacks(saved, gcs_bucket,
+                                                                     tmp_path):
+    _, _, _, path = saved
+    write_manifest(path)
+    root = tmp_path / "ckpts"
+    names = [f"checkpoint-epoch0-step{step}-files1" for step in (4, 6, 8, 10)]
+    for name in names:
+        shutil.copytree(path, root / name)
+    store = open_store(gcs_bucket, retry_deadline_s=20)
+    logs: list[str] = []
+    publisher = CheckpointPublisher(store, PREFIX, keep_every=4, log=logs.append)
+    assert publisher.catch_up(root) == names[-1]
+    assert publisher.close(timeout=60), logs
+    # Step 6 is neither permanent nor the newest: it stays local, as before.
+    assert remote_problems(store, PREFIX) == {names[0]: "", names[2]: "", names[3]: ""}

@@ -109,7 +109,8 @@ class CheckpointPublisher:
             self._publish(ckpt_dir)
 
     def catch_up(self, root: Path) -> str | None:
-        """Queue the newest local checkpoint if the bucket lacks it (a kill cut its upload)."""
+        """Queue the newest local checkpoint if the bucket lacks it (a kill cut its upload),
+        and every permanent one (``keep_every``) the bucket lacks; returns the newest's name."""
         if self.store is None:
             return None
         local = checkpoint.find_complete(root)
@@ -118,11 +119,12 @@ class CheckpointPublisher:
         except StorageError as err:
             self.log(f"could not list uploaded checkpoints ({err}); not catching up")
             return None
-        if not local or local[-1].name in remote:
-            return None
-        self.log(f"{local[-1].name} is complete locally but not in the bucket: uploading it")
-        self.submit(local[-1])
-        return local[-1].name
+        missing = [p for p in local if p.name not in remote and (
+            p == local[-1] or checkpoint.permanent(p.name, self.keep_every))]
+        for path in missing:
+            self.log(f"{path.name} is complete locally but not in the bucket: uploading it")
+            self.submit(path)
+        return local[-1].name if local and local[-1] in missing else None
 
     @property
     def pending(self) -> list[str]:
@@ -234,12 +236,12 @@ class CheckpointPublisher:
 
     def _enqueue_upload(self, ckpt_dir: Path) -> None:
         """Queue for upload; beyond ``max_waiting``, the oldest waiting one stays local (never a
-        permanent one: ``keep_every`` checkpoints are what the bucket must hold)."""
+        permanent one, ``keep_every``: the bucket must hold those; nor the newest)."""
         with self._wake:
             self._waiting.append(ckpt_dir)
             dropped = None
-            if len(self._waiting) > self.max_waiting:
-                dropped = next((p for p in self._waiting
+            if len(self._waiting) > self.max_waiting:  # the newest always waits its turn
+                dropped = next((p for p in list(self._waiting)[:-1]
                                 if not checkpoint.permanent(p.name, self.keep_every)), None)
                 if dropped is not None:
                     self._waiting.remove(dropped)
