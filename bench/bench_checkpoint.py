@@ -63,7 +63,8 @@ def child(args: argparse.Namespace) -> None:
 
     class StampedMetrics(MetricsWriter):
         def write(self, record: dict) -> None:
-            steps.append((time.perf_counter(), record["step"], record["step_time_s"]))
+            if "event" not in record:  # step records (checkpoint records come from uploads)
+                steps.append((time.perf_counter(), record["step"], record["step_time_s"]))
             super().write(record)
 
     class RecordedPublisher(trainer.CheckpointPublisher):

@@ -82,6 +82,8 @@ class Saver:
         self._thread = threading.Thread(target=self._write, args=(snapshot, times),
                                         name="ckpt-write", daemon=True)
         self._thread.start()
+        if not self.publisher.background:  # --no-background-upload: save and upload in line
+            self.wait()
         return self.root / name
 
     def _write(self, snapshot, times: SaveTimes) -> None:
