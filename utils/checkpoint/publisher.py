@@ -23,9 +23,7 @@ rather than the training loop's.
 from __future__ import annotations
 
 import atexit
-import os
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -37,6 +35,7 @@ from tqdm.auto import tqdm
 
 from utils import checkpoint
 from utils.errors import StorageError, first_line
+from utils.processes import lower_thread_priority
 from utils.storage import ObjectExists, ObjectInfo, Store
 
 
@@ -207,6 +206,7 @@ class CheckpointPublisher:
             self.on_finished(record)
 
     def _mark_worker(self) -> None:
+        lower_thread_priority(self.nice)  # hashing gigabytes is CPU work training needs
         while (item := self._to_mark.get()) is not None:
             try:
                 if self._mark(item) and self.store is not None:
@@ -252,7 +252,7 @@ class CheckpointPublisher:
             self._finish(dropped.name, uploaded=False, reason=reason)
 
     def _upload_worker(self) -> None:
-        _lower_priority(self.nice)
+        lower_thread_priority(self.nice)
         while True:
             with self._wake:
                 while not self._waiting and not self._stop.is_set():
@@ -368,19 +368,3 @@ class CheckpointPublisher:
 def _same(have: ObjectInfo | None, info: dict) -> bool:
     """Whether the bucket's object is the manifest's file (size and crc32c)."""
     return have is not None and have.size == info["size"] and have.crc32c == info["crc32c"]
-
-
-def _lower_priority(nice: int) -> None:
-    """Make this thread yield the CPU to training: on a busy machine an upload thread at
-    normal priority slowed steps ~2x, at nice 10+ by a few percent (bench_checkpoint.py).
-
-    Linux only, where niceness is per thread (elsewhere the call would renice the process).
-    """
-    if sys.platform != "linux" or nice <= 0:
-        return
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError:
-        pass  # not allowed here: uploads just compete at normal priority

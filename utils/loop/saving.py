@@ -23,6 +23,7 @@ from utils.errors import TrainingError, disk_full
 from utils.loop.engine import Engine
 from utils.loop.gce import PreemptionFacts, describe
 from utils.loop.metrics import MetricsWriter
+from utils.processes import lower_thread_priority
 from utils.stages.base import copy_tokenizer
 
 
@@ -87,6 +88,8 @@ class Saver:
         return self.root / name
 
     def _write(self, snapshot, times: SaveTimes) -> None:
+        if self.publisher.background:
+            lower_thread_priority()  # serialising gigabytes must not slow the steps
         started = time.perf_counter()
         try:
             path = snapshot.write()
