@@ -117,7 +117,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("time", format_eta(elapsed)),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
         ("final loss", f"{last_loss:.4f}"),
-        ("eval loss", f"{eval_loss:.4f}"),
+        ("eval reward" if config.stage == "grpo" else "eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
         *([("saving", saving)] if saving else []),
         ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
