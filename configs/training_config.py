@@ -26,7 +26,7 @@ class TrainingConfig:
     lora_target_modules: str = "query_key_value,dense"
     dpo_beta: float = 0.1
     # GRPO: per prompt, sample a group of completions, reward them, push towards the better.
-    reward: str = "numeric"  # comma-separated names from utils/stages/grpo.py's registry
+    reward: str = "answer"  # comma-separated names from utils/stages/grpo.py's registry
     reward_module: str = ""  # path.py defining reward(prompt, completion, example) -> float
     grpo_group_size: int = 8
     grpo_temperature: float = 1.0

@@ -96,3 +96,23 @@ def test_a_stage_on_a_lora_checkpoint_records_that_checkpoint_as_its_base(tiny_b
     sft_checkpoint = tmp_path / "sft-checkpoint"
     model = build_lora_model(load_base(tiny_base), preset("grpo"), sft_checkpoint)
     assert model.peft_config["default"].base_model_name_or_path == str(sft_checkpoint)
+
+
+@pytest.mark.slow
+def test_a_topic_with_grpo_jsonl_runs_sft_dpo_then_grpo(tiny_base, tmp_path):
+    from lora_data import PAIRS, prefs, qa
+
+    topic = tmp_path / "topics" / "01-add"
+    write_jsonl(topic / "sft.jsonl", qa(PAIRS[:8]))
+    write_jsonl(topic / "dpo.jsonl", prefs(PAIRS[:8]))
+    write_jsonl(topic / "grpo.jsonl", SUMS[:8])
+    out = tmp_path / "out"
+    result = run_train(*LORA, "--stage", "sft", "--topics", str(topic.parent), "--init-from",
+                       str(tiny_base), "--output-dir", str(out), "--max-steps", "2",
+                       "--save-steps", "2", "--per-device-train-batch-size", "4",
+                       "--grpo-group-size", "2", "--grpo-max-new-tokens", "3",
+                       "--run-name", "cur", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = json.loads((out / "curriculum.json").read_text())["finished"]
+    assert [e["stage"] for e in finished] == ["01-add/sft", "01-add/dpo", "01-add/grpo"]
+    assert (out / "01-add" / "grpo" / "merged" / "model.safetensors").is_file()

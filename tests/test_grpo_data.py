@@ -87,7 +87,8 @@ def test_no_examples_and_no_room_are_errors(tmp_path: Path) -> None:
 
 
 def test_bundled_examples_load() -> None:
-    for where in ("data/examples/grpo", "data/examples/topics/01-arithmetic/grpo.jsonl"):
+    for where in ("data/examples/grpo", "data/examples/topics/01-arithmetic/grpo.jsonl",
+                  "data/examples/topics/02-capitals/grpo.jsonl"):
         examples = load_grpo(data_files(REPO / where), chars, max_prompt_tokens=64)
         assert len(examples) >= 24
 
@@ -265,3 +266,11 @@ def test_group_advantages_by_hand() -> None:
     assert group_advantages(np.array([0.2, 0.7]), 1).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(rewards, 3)
+
+
+def test_the_answer_reward_fits_numbers_and_text() -> None:
+    from utils.stages.grpo import answer
+
+    assert answer("", " 11", {"answer": "11"}) == 1.0 and answer("", " 12", {"answer": "11"}) == 0
+    assert answer("", " Paris.", {"answer": "Paris"}) == 1.0
+    assert answer("", " Rome", {"answer": "Paris"}) == 0.0
