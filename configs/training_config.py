@@ -44,7 +44,16 @@ class TrainingConfig:
     data_prefix: str = "training"
     sync_data: bool = False
     max_files: int = 0
+    # A weighted mixture of sub-folders of data_dir (and of the bucket's data prefix):
+    # "web=0.7,code=0.3", or a JSON file {"web": 0.7, "code": 0.3}; "" = one source.
+    data_mix: str = ""
+    # Stream shards from the bucket while training instead of syncing them all first.
+    stream: bool = False
+    prefetch_shards: int = 4  # streaming: shards fetched ahead of the one being read
+    shuffle_block_shards: int = 8  # streaming: windows shuffle within blocks of this many shards
+    cache_limit_gb: float = 0.0  # streaming: keep the local shards under this (0 = no limit)
     credentials: str = ""
+    billing_project: str = ""  # requester-pays buckets: the project billed for requests
     output_dir: str = ""
     run_name: str = ""
     # Optimisation.
@@ -77,6 +86,10 @@ class TrainingConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     # Logging, evaluation, checkpoints.
+    report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb; or none
+    wandb_project: str = ""  # default: the project named in the environment, else "harness"
+    wandb_entity: str = ""
+    log_upload_minutes: float = 5.0  # with a bucket: mirror logs to BUCKET/logs/<run_name>
     logging_steps: int = 10
     eval_steps: int = 100
     eval_windows: int = 64
