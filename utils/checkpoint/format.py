@@ -56,6 +56,8 @@ class TrainState:
     world_size: int = 1
     global_batch_windows: int = 0
     seed: int | None = None  # the data order and the held-out split derive from it
+    # Experiment trackers' run ids (e.g. {"wandb": "..."}): a resume continues the same run.
+    run_ids: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
