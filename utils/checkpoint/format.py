@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.data import DataPosition
+from utils.data import DataPosition, MixturePosition, position_from_dict
 from utils.errors import CheckpointError
 from utils.fs import atomic_write, fsync_dir
 from utils.storage import file_crc32c
@@ -52,7 +52,7 @@ class TrainState:
     tokens_seen: int = 0
     num_files: int = 0
     train_windows: int = 0
-    position: DataPosition = field(default_factory=DataPosition)
+    position: DataPosition | MixturePosition = field(default_factory=DataPosition)
     world_size: int = 1
     global_batch_windows: int = 0
     seed: int | None = None  # the data order and the held-out split derive from it
@@ -67,7 +67,7 @@ class TrainState:
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
         data = dict(data)
-        data["position"] = DataPosition.from_dict(data["position"])
+        data["position"] = position_from_dict(data["position"])
         return cls(**data)
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from utils.data.mixture import MixturePosition
 from utils.errors import DataError
 
 # Stream id for the eval split's RNG; epochs use [seed, epoch], so this never collides in practice.
@@ -60,6 +61,13 @@ class DataPosition:
         return cls(epoch=d["epoch"], offset=d["offset"])
 
 
+def position_from_dict(d: Any) -> DataPosition | MixturePosition:
+    """A saved position: one source's ``{epoch, offset}``, or a mixture's ``{sources: ...}``."""
+    if isinstance(d, dict) and "sources" in d:
+        return MixturePosition.from_dict(d)
+    return DataPosition.from_dict(d)
+
+
 def position_after(
     start: DataPosition, batches_consumed: int, global_batch: int, epoch_len: int
 ) -> DataPosition:
@@ -83,6 +91,21 @@ def position_after(
     rest = batches_consumed - left
     per_epoch = epoch_len // global_batch
     return DataPosition(epoch + 1 + rest // per_epoch, (rest % per_epoch) * global_batch)
+
+
+class BatchSampler(Protocol):
+    """What the loop and the engines need of a sampler (one source, or a mixture)."""
+
+    global_batch: int
+
+    @property
+    def position(self) -> Any: ...
+
+    def advance(self, n_batches: int = 1) -> None: ...
+
+    def batches_from(self, position: Any) -> Iterator[list[int]]: ...
+
+    def __iter__(self) -> Iterator[list[int]]: ...
 
 
 GROUP_CHUNK_BATCHES = 64  # length grouping sorts runs of this many global batches

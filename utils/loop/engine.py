@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
-from utils.data import WindowBatchSampler
+from utils.data import BatchSampler
 from utils.loop.setup import Collectives
 from utils.stages.task import Batch, Task
 
@@ -73,7 +73,7 @@ class Engine(Collectives, Protocol):
         config; the engine's own construction covers only what its processes share."""
         ...
 
-    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Any]:
+    def batches(self, task: Task, sampler: BatchSampler) -> Iterator[Any]:
         """This rank's micro-batches in sampler order; ``sampler.position`` follows them."""
         ...
 

@@ -30,7 +30,7 @@ from configs.model_config import (
 )
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
-from utils.data import WindowBatchSampler
+from utils.data import BatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
@@ -133,7 +133,7 @@ class MlxEngine(MlxProcesses):
             f"mlx on {mx.default_device()}, mixed precision {config.mixed_precision}, "
             f"compile {config.compile}{bits}")
 
-    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Batch]:
+    def batches(self, task: Task, sampler: BatchSampler) -> Iterator[Batch]:
         for indices in sampler:
             yield task.collate([task.examples[i] for i in indices])
 

@@ -16,7 +16,20 @@ import numpy as np
 
 from configs.model_config import hf_config_for
 from configs.training_config import TrainingConfig
-from utils.data import TokenWindows, find_shards, read_dataset_meta, train_eval_split
+from utils.data import (
+    ConcatWindows,
+    DataPosition,
+    MixtureBatchSampler,
+    MixturePosition,
+    Source,
+    TokenWindows,
+    WindowBatchSampler,
+    find_shards,
+    parse_mix,
+    read_dataset_meta,
+    split_count,
+    train_eval_split,
+)
 from utils.errors import CheckpointError
 from utils.processes import ONE_PROCESS, Processes, local_main_first
 from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer
@@ -61,6 +74,25 @@ class Task:
     # and completions into a scored training batch (+ statistics). None for other stages.
     sampling: Sampling | None = None
     rollout: Callable[[Batch, np.ndarray], tuple[Batch, dict[str, float]]] | None = None
+    # --data-mix: the weighted sources the training windows are drawn from (None: one source).
+    sources: list[Source] | None = None
+
+    def start_position(self) -> DataPosition | MixturePosition:
+        """Where a fresh run starts in the data."""
+        if self.sources is None:
+            return DataPosition()
+        return MixturePosition.start([source.name for source in self.sources])
+
+    def sampler(self, per_device_batch: int, rank: int, world: int, seed: int,
+                position: DataPosition | MixturePosition
+                ) -> WindowBatchSampler | MixtureBatchSampler:
+        """The order this rank trains on from ``position`` (of :meth:`start_position`'s kind:
+        the loop refuses a checkpoint with the other kind)."""
+        if isinstance(position, MixturePosition):
+            return MixtureBatchSampler(self.sources, per_device_batch, rank, world, seed,
+                                       position)
+        return WindowBatchSampler(self.train_idx, per_device_batch, rank, world, seed,
+                                  position, self.lengths)
 
     def check_vocab(self, model_vocab: int) -> None:
         """CheckpointError if the tokenizer has ids the base model cannot embed."""
@@ -78,23 +110,36 @@ def build_task(config: TrainingConfig, processes: Processes) -> Task:
 
 
 def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> Task:
-    """Shards under ``data_dir`` as fixed windows, split into training and held-out ones.
+    """Shards under ``data_dir`` (or its ``--data-mix`` sub-folders) as fixed windows, split
+    into training and held-out ones.
 
     Every token id must fit the model's vocabulary (another tokenizer's shards would fail deep
     in the model, on a GPU as a device-side assert): each machine's main process scans the
     shards once (cached), the others then read the cache.
     """
     root = Path(config.data_dir)
-    shards = find_shards(root, max_files=config.max_files or None)
-    windows = TokenWindows(shards, config.seq_len, root=root)
-    meta = read_dataset_meta(root) or {}
+    weights = parse_mix(config.data_mix) if config.data_mix else {"": 1.0}
+    held_out = split_count(config.eval_windows, list(weights.values()))
+    parts, sources, eval_idx, num_files = [], [], [], 0
+    for (name, weight), n_eval in zip(weights.items(), held_out, strict=True):
+        shards = find_shards(root / name, max_files=config.max_files or None)
+        windows = TokenWindows(shards, config.seq_len, root=root / name)
+        train, held = train_eval_split(len(windows), n_eval, config.seed)
+        start = sum(len(p) for p in parts)
+        parts.append(windows)
+        sources.append(Source(name, weight, train + start))
+        eval_idx.append(held + start)
+        num_files += len(shards)
+    examples = parts[0] if len(parts) == 1 and not config.data_mix else ConcatWindows(parts)
+    meta = read_dataset_meta(root / next(iter(weights))) or read_dataset_meta(root) or {}
     with local_main_first(processes):
-        windows.check_vocab(hf_config_for(config.model, meta).vocab_size)
-    train_idx, eval_idx = train_eval_split(len(windows), config.eval_windows, config.seed)
-    return Task(stage="pretrain", examples=windows, train_idx=train_idx, eval_idx=eval_idx,
-                num_files=len(shards), collate=_stack_windows,
+        examples.check_vocab(hf_config_for(config.model, meta).vocab_size)
+    return Task(stage="pretrain", examples=examples,
+                train_idx=np.concatenate([s.indices for s in sources]),
+                eval_idx=np.concatenate(eval_idx), num_files=num_files,
+                collate=_stack_windows,
                 count_tokens=lambda batch: len(batch["input_ids"]) * config.seq_len,
-                meta=meta)
+                meta=meta, sources=sources if config.data_mix else None)
 
 
 def _stack_windows(windows: list[np.ndarray]) -> Batch:

@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType, extract_model_from_parallel, set_s
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
-from utils.data import WindowBatchSampler
+from utils.data import BatchSampler
 from utils.errors import ConfigError, TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
@@ -171,7 +171,7 @@ class TorchEngine:
         self._compile_started = time.perf_counter()  # compiling happens in the first step
         return compile_model(model, self.config.compile_scope)
 
-    def batches(self, task: Task, sampler: WindowBatchSampler) -> Iterator[Batch]:
+    def batches(self, task: Task, sampler: BatchSampler) -> Iterator[Batch]:
         loader = make_torch_loader(task.examples, sampler, task.collate, self.config.num_workers,
                                    self.config.prefetch_factor,
                                    pin_memory=self.device.type == "cuda")

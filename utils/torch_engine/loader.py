@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from utils.data import WindowBatchSampler
+from utils.data import BatchSampler
 
 
 def _as_tensors(collate: Callable[[list], dict[str, np.ndarray]],
@@ -20,7 +20,7 @@ def _as_tensors(collate: Callable[[list], dict[str, np.ndarray]],
 class _ReadAhead:
     """What a DataLoader iterates: the sampler's batches from its position, read-only."""
 
-    def __init__(self, sampler: WindowBatchSampler) -> None:
+    def __init__(self, sampler: BatchSampler) -> None:
         self.sampler = sampler
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -30,7 +30,7 @@ class _ReadAhead:
 
 
 def make_torch_loader(
-    examples: Sequence, sampler: WindowBatchSampler, collate: Callable[[list], dict],
+    examples: Sequence, sampler: BatchSampler, collate: Callable[[list], dict],
     num_workers: int = 0, prefetch_factor: int | None = None, pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """An infinite DataLoader of LongTensor (B, seq_len+1) that keeps ``sampler.position`` exact.
