@@ -265,6 +265,7 @@ class ConcatWindows:
     def __init__(self, parts: Sequence[Any]) -> None:
         self.parts = list(parts)
         self.starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])])
+        self.num_tokens = sum(p.num_tokens for p in self.parts)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
