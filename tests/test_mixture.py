@@ -129,6 +129,7 @@ def test_a_two_source_mixture_from_the_bucket_holds_its_shares_every_step(
                                            "--max-steps", "12", "--save-steps", "12"))
     assert run.proc.returncode == 0, run.stderr[-2000:]
     assert sorted(p.name for p in local.iterdir() if p.is_dir()) == ["code", "web"]
+    assert (local / "dataset.json").is_file()  # the prefix's shared tokenizer facts
     records = metrics(tmp_path / "out")
     assert [r["step"] for r in records] == list(range(1, 13))
     previous = {"web": 0, "code": 0}

@@ -9,7 +9,7 @@ engine iterates it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,7 +158,10 @@ class WindowBatchSampler:
     def __init__(
         self, indices: np.ndarray, per_device_batch: int, rank: int, world: int, seed: int,
         position: DataPosition, lengths: np.ndarray | None = None,
+        order: Callable[[int], np.ndarray] | None = None,
     ) -> None:
+        """``order(epoch)``, when given, replaces the epoch's seeded permutation of
+        ``indices`` (streaming's block shuffle, which must hold the same windows)."""
         if per_device_batch < 1 or world < 1 or not 0 <= rank < world:
             raise DataError(
                 f"need per_device_batch >= 1, world >= 1 and 0 <= rank < world; got "
@@ -171,6 +174,8 @@ class WindowBatchSampler:
         self.seed = seed
         self.global_batch = per_device_batch * world
         self.lengths = None if lengths is None else np.asarray(lengths)
+        self.order = order or (
+            lambda epoch: np.random.default_rng([seed, epoch]).permutation(self.indices))
         if position.offset > len(self.indices):
             raise DataError(
                 f"saved data position offset {position.offset} is beyond the "
@@ -194,7 +199,7 @@ class WindowBatchSampler:
         epoch, offset = position.epoch, position.offset
         n, g, b = len(self.indices), self.global_batch, self.per_device_batch
         while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+            order = self.order(epoch)
             if self.lengths is not None:
                 order = group_by_length(order, self.lengths, g,
                                         np.random.default_rng([self.seed, epoch, 1]))
