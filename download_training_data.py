@@ -15,7 +15,13 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.storage import StorageError, check_credentials_value, open_store, sync_down
+from utils.storage import (
+    BILLING_PROJECT_ENV,
+    StorageError,
+    check_credentials_value,
+    open_store,
+    sync_down,
+)
 
 DEFAULT_DEST = Path("data/training")
 
@@ -57,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=8, help="concurrent transfers")
     p.add_argument("--credentials", default=None, metavar="PATH",
                    help="service-account key (a path, or a file name under credentials/)")
+    p.add_argument("--billing-project", default=None, metavar="PROJECT",
+                   help="project billed for a requester-pays bucket's requests (default "
+                        f"${BILLING_PROJECT_ENV}, else none)")
     p.add_argument("--retry-deadline", type=_positive_float, default=120.0, metavar="S",
                    help="give up on transient errors after S seconds of retries (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Before anything can echo it: a key's contents pasted where its path belongs.
         check_credentials_value(args.credentials, "--credentials")
-        store = open_store(args.bucket, args.credentials, retry_deadline_s=args.retry_deadline)
+        store = open_store(args.bucket, args.credentials, retry_deadline_s=args.retry_deadline,
+                           billing_project=args.billing_project)
         result = sync_down(
             store,
             args.dest,

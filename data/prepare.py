@@ -309,13 +309,18 @@ def prepare(
     return meta, True
 
 
-def push(out: Path, tokenizer_out: Path, url: str, prefix: str) -> None:
-    """Upload shards to PREFIX/training/<out name> and the tokenizer to PREFIX/tokenizer."""
+def push(out: Path, tokenizer_out: Path, url: str, prefix: str,
+         billing_project: str | None = None) -> None:
+    """Upload shards to PREFIX/training/<out name> and the tokenizer to PREFIX/tokenizer.
+
+    billing_project pays for a requester-pays bucket's requests (HARNESS_BILLING_PROJECT
+    when None).
+    """
     from utils.storage import StorageError, open_store, sync_up
 
     prefix = prefix.strip("/")
     try:
-        store = open_store(url)
+        store = open_store(url, billing_project=billing_project)
         sync_up(out, store, f"{prefix}/training/{out.name}")
         sync_up(tokenizer_out, store, f"{prefix}/tokenizer")
     except StorageError as e:
@@ -340,6 +345,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
     p.add_argument("--push", metavar="URL", help="also upload to this bucket (gs://... or a dir)")
     p.add_argument("--push-prefix", default="data", help="path prefix inside the bucket")
+    p.add_argument("--billing-project", metavar="PROJECT",
+                   help="project billed for a requester-pays --push bucket; "
+                        "$HARNESS_BILLING_PROJECT when not given")
     return p.parse_args(argv)
 
 
@@ -361,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"already prepared: {summary}; left alone (--force rebuilds)")
         if args.push:
-            push(args.out, args.tokenizer_out, args.push, args.push_prefix)
+            push(args.out, args.tokenizer_out, args.push, args.push_prefix,
+                 args.billing_project)
             print(f"pushed to {args.push} under {args.push_prefix.strip('/')}/")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from utils.checkpoint import TrainState, write_manifest
 from utils.data import read_dataset_meta
 from utils.loop.engine import Engine
 from utils.stages.task import build_task
-from utils.storage import open_store
+from utils.storage import open_bucket
 
 # On the CPU, skip the forward/step checks for models this large (they would take minutes).
 CPU_STEP_LIMIT_PARAMS = 300_000_000
@@ -64,7 +64,7 @@ def _check_bucket(ctx: dict) -> str:
     config = ctx["config"]
     if not config.bucket:
         raise Skip("no bucket configured: checkpoints stay local")
-    store = open_store(config.bucket, credentials=config.credentials or None)
+    store = open_bucket(config)
     store.check_access(write=True)
     ctx["store"] = store
     return f"{store.url} is readable and writable"

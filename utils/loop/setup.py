@@ -15,10 +15,11 @@ from typing import Protocol
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint import TrainState
+from utils.data import META_NAME, MixturePosition, parse_mix
 from utils.errors import CheckpointError, StorageError, TrainingError, first_line
-from utils.fs import remove_stale_tmp
+from utils.fs import atomic_write, remove_stale_tmp
 from utils.processes import Processes
-from utils.storage import open_store
+from utils.storage import open_bucket
 
 
 class Collectives(Processes, Protocol):
@@ -28,27 +29,46 @@ class Collectives(Processes, Protocol):
 
 
 def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
-    """One process per node downloads (skip-existing); the others wait at the barrier."""
+    """One process per node downloads (skip-existing); the others wait at the barrier.
+
+    With ``--data-mix`` only the mixed sources' sub-folders are synced (a bucket may hold
+    many more), plus the prefix's own ``dataset.json`` (the tokenizer facts they share).
+    """
     if not config.sync_data:
         return
     if processes.is_local_main_process:
-        from utils.storage import open_store, sync_down
+        from utils.storage import sync_down
 
-        store = open_store(config.bucket, credentials=config.credentials or None)
-        result = sync_down(store.child(config.data_prefix), Path(config.data_dir),
-                           max_files=config.max_files or None)
-        print(result.summary("downloaded"))
-        if result.failed:
-            raise TrainingError(f"{len(result.failed)} data files failed to sync from "
-                                f"{store.url}/{config.data_prefix}: {result.failed[0]}")
+        store = open_bucket(config).child(config.data_prefix)  # credentials, billing project
+        folders = list(parse_mix(config.data_mix)) if config.data_mix else [""]
+        for folder in folders:
+            result = sync_down(store.child(folder) if folder else store,
+                               Path(config.data_dir) / folder,
+                               max_files=config.max_files or None)
+            print(result.summary("downloaded"))
+            if result.failed:
+                raise TrainingError(f"{len(result.failed)} data files failed to sync from "
+                                    f"{store.url}/{folder}: {result.failed[0]}")
+        if folders != [""]:
+            _fetch_dataset_meta(store, Path(config.data_dir))
     processes.wait_for_everyone()
+
+
+def _fetch_dataset_meta(store, data_dir: Path) -> None:
+    """The data prefix's top-level ``dataset.json``, when it has one."""
+    from utils.storage import ObjectNotFound
+
+    try:
+        atomic_write(data_dir / META_NAME, store.read_bytes(META_NAME))
+    except ObjectNotFound:
+        pass
 
 
 def open_checkpoint_store(config: TrainingConfig, processes: Processes):
     """The bucket for checkpoints, checked for write access now rather than after hours."""
     if not config.bucket:
         return None
-    store = open_store(config.bucket, credentials=config.credentials or None)
+    store = open_bucket(config)
     if processes.is_main_process:
         store.check_access(write=True)  # also creates the embedded local bucket directory
     return store
@@ -94,6 +114,13 @@ def continue_from(state: TrainState, saved: TrainState, source: Path, say,
                 f"windows; resume with --seed {saved.seed}, or pass --allow-seed-change")
         say(f"note: --seed changed ({saved.seed} -> {state.seed}) with --allow-seed-change: "
             f"the rest of the data order and the held-out split change")
+    if type(saved.position) is not type(state.position):
+        raise TrainingError(
+            f"{source.name} was trained on a --data-mix and this run has none: pass the same "
+            f"--data-mix to resume it, or start a new --run-name"
+            if isinstance(saved.position, MixturePosition) else
+            f"{source.name} was trained without --data-mix: drop --data-mix to resume it, or "
+            f"start a new --run-name")
     if (saved.num_files, saved.train_windows) != (state.num_files, state.train_windows):
         raise TrainingError(
             f"{source.name} was trained on {saved.num_files} files / {saved.train_windows} "
@@ -104,6 +131,7 @@ def continue_from(state: TrainState, saved: TrainState, source: Path, say,
         say(f"note: global batch changed ({saved.global_batch_windows} -> "
             f"{state.global_batch_windows} windows); data order kept by window offset")
     state.step, state.tokens_seen, state.position = saved.step, saved.tokens_seen, saved.position
+    state.run_ids = dict(saved.run_ids)  # trackers continue the same runs (W&B's id)
     say(f"resumed from {source} at step {state.step}")
 
 

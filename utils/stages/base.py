@@ -46,9 +46,9 @@ def resolve_base(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> 
     root = Path("outputs") / config.init_run / "checkpoints"
     store = None
     if config.bucket:
-        from utils.storage import open_store
+        from utils.storage import open_bucket
 
-        store = open_store(config.bucket, credentials=config.credentials or None)
+        store = open_bucket(config)
     with local_main_first(processes):  # one download per node
         found = checkpoint.choose_resume(name, root, store, f"checkpoints/{config.init_run}")
     if found is None:

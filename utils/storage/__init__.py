@@ -9,7 +9,8 @@ local store and do not have google-cloud-storage installed.
 Modules: ``base`` (the Store interface, ObjectInfo, errors), ``hashing`` (crc32c/md5 and the
 hash cache), ``local`` and ``gcs`` (the backends), ``credentials`` (Google keys;
 check_credentials_value refuses a key's contents where its path belongs), ``urls``
-(open_store) and ``sync`` (sync_down/sync_up).
+(open_store; open_bucket for a config's bucket, credentials and requester-pays billing project)
+and ``sync`` (sync_down/sync_up).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from utils.storage.base import (
     Store,
 )
 from utils.storage.credentials import check_credentials_value
-from utils.storage.gcs import GcsStore
+from utils.storage.gcs import BILLING_PROJECT_ENV, GcsStore
 from utils.storage.hashing import CACHE_FILE, HashCache, bytes_crc32c, file_crc32c, file_md5
 from utils.storage.local import LocalStore
 from utils.storage.sync import SyncResult, sync_down, sync_up
-from utils.storage.urls import open_store
+from utils.storage.urls import BucketSettings, open_bucket, open_store
 
 __all__ = [
+    "BILLING_PROJECT_ENV",
+    "BucketSettings",
     "CACHE_FILE",
     "GcsStore",
     "HashCache",
@@ -47,6 +50,7 @@ __all__ = [
     "check_credentials_value",
     "file_crc32c",
     "file_md5",
+    "open_bucket",
     "open_store",
     "sync_down",
     "sync_up",

@@ -172,3 +172,12 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of an object from byte ``start`` (fewer at its end).
+
+        Streaming reads only a shard's header this way before downloading it. Both backends
+        override it with a real ranged read; this fallback (the whole object, sliced) keeps
+        wrappers that do not forward it working.
+        """
+        return self.read_bytes(name)[start:start + max(0, length)]

@@ -2,6 +2,11 @@
 
 The GPU machines train from a local store and do not have google-cloud-storage installed, so
 nothing here imports it at module level.
+
+Requester-pays buckets bill each request to a project the requester names: with a billing
+project, every bucket and object request carries ``userProject`` (the client's own
+``Bucket.user_project``, so listings, transfers and deletes all get it); without one GCS
+answers 400, which becomes one line naming ``--billing-project``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from google.cloud.storage import Client
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+BILLING_PROJECT_ENV = "HARNESS_BILLING_PROJECT"
 
 
 class _CountingWriter:
@@ -66,8 +72,14 @@ class GcsStore(Store):
     """gs://bucket/prefix through google-cloud-storage, with explicit retry and timeouts."""
 
     def __init__(
-        self, client: Client, bucket: str, prefix: str = "", retry_deadline_s: float = 120.0
+        self,
+        client: Client,
+        bucket: str,
+        prefix: str = "",
+        retry_deadline_s: float = 120.0,
+        billing_project: str | None = None,
     ) -> None:
+        """billing_project: the project billed for every request (requester-pays buckets)."""
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         self._client = client
@@ -76,7 +88,10 @@ class GcsStore(Store):
         self._base = f"{self.prefix}/" if self.prefix else ""
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.retry_deadline_s = retry_deadline_s
-        self._bucket = client.bucket(bucket)
+        self.billing_project = billing_project or None
+        # Requests made through this Bucket and its blobs carry userProject; listings too,
+        # as long as they are given the Bucket rather than its name.
+        self._bucket = client.bucket(bucket, user_project=self.billing_project)
         # Transient errors (429/5xx, resets, timeouts) back off 0.5 s .. 8 s until the deadline.
         self._retry = DEFAULT_RETRY.with_timeout(retry_deadline_s).with_delay(
             initial=0.5, maximum=8.0, multiplier=2.0
@@ -86,9 +101,8 @@ class GcsStore(Store):
         self._timeout = (min(10.0, budget), min(60.0, budget))
 
     def child(self, prefix: str) -> GcsStore:
-        return GcsStore(
-            self._client, self.bucket_name, _join(self.prefix, prefix), self.retry_deadline_s
-        )
+        return GcsStore(self._client, self.bucket_name, _join(self.prefix, prefix),
+                        self.retry_deadline_s, self.billing_project)
 
     def _key(self, name: str) -> str:
         return self._base + name.lstrip("/")
@@ -116,6 +130,9 @@ class GcsStore(Store):
         except gexc.PreconditionFailed as exc:  # only if_absent writes set a precondition
             raise _exists_error(self.url, name or "", " (412 precondition failed)") from exc
         except (gexc.Forbidden, gexc.Unauthorized) as exc:
+            billing = _billing_error(exc, where, self.billing_project)
+            if billing is not None:
+                raise billing from exc
             raise StorageError(
                 f"gs://{self.bucket_name}: access denied ({exc.code}) for {where}; grant this "
                 "identity storage access (objectViewer to read, objectAdmin to write) or pass "
@@ -136,8 +153,8 @@ class GcsStore(Store):
                 f"gs://{self.bucket_name}: authentication failed ({type(exc).__name__}); run "
                 "`gcloud auth application-default login` or pass --credentials KEY.json"
             ) from exc
-        except gexc.GoogleAPICallError as exc:
-            raise StorageError(
+        except gexc.GoogleAPICallError as exc:  # 400s included: never retried
+            raise _billing_error(exc, where, self.billing_project) or StorageError(
                 f"{where}: request failed ({exc.code} {_short(exc)}); check the bucket and retry"
             ) from exc
         except requests.RequestException as exc:  # not retryable, e.g. a malformed endpoint
@@ -150,7 +167,7 @@ class GcsStore(Store):
         out: list[ObjectInfo] = []
         with self._errors():
             blobs = self._client.list_blobs(
-                self.bucket_name,
+                self._bucket,
                 prefix=self._key(prefix) or None,
                 fields="items(name,size,crc32c,md5Hash),nextPageToken",
                 page_size=1000,
@@ -283,7 +300,7 @@ class GcsStore(Store):
         """Folders, then objects, directly under key: one delimiter listing, first page."""
         with self._errors():
             pages = self._client.list_blobs(
-                self.bucket_name, prefix=key or None, delimiter="/", page_size=100,
+                self._bucket, prefix=key or None, delimiter="/", page_size=100,
                 retry=self._retry, timeout=self._timeout,
             ).pages
             page = next(pages, None)
@@ -297,7 +314,7 @@ class GcsStore(Store):
     def check_access(self, write: bool = False) -> None:
         with self._errors():
             page = self._client.list_blobs(
-                self.bucket_name,
+                self._bucket,
                 prefix=self._base or None,
                 max_results=1,
                 retry=self._retry,
@@ -309,8 +326,54 @@ class GcsStore(Store):
             self.write_bytes(probe, b"ok")
             self.delete(probe)
 
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        with self._errors(name):
+            # No checksum: the object's crc32c covers all of it, not this part.
+            return bytes(
+                self._bucket.blob(self._key(name)).download_as_bytes(
+                    start=start, end=start + length - 1, raw_download=True, checksum=None,
+                    retry=self._retry, timeout=self._timeout,
+                )
+            )
 
-def _open_gcs(url: str, credentials: str | None, retry_deadline_s: float) -> GcsStore:
+
+def _billing_error(exc: Exception, where: str, project: str | None) -> StorageError | None:
+    """One line for GCS's requester-pays answers; None for any other error.
+
+    GCS says (JSON API): 400 "Bucket is [a] requester pays bucket but no user project
+    provided." (reason "required"; UserProjectMissing in the XML API), 400 "User project
+    specified in the request is invalid.", and 403 "... does not have
+    serviceusage.services.use access to the Google Cloud project." when the identity may not
+    bill the project it named.
+    """
+    text = f"{getattr(exc, 'message', '')} {exc}".lower()
+    reasons = {str(e.get("reason", "")).lower() for e in getattr(exc, "errors", None) or ()
+               if isinstance(e, dict)}
+    named = f"billing project {project!r}" if project else "the credentials' quota project"
+    if "requester pays" in text or "userprojectmissing" in reasons:
+        return StorageError(
+            f"{where}: the bucket is requester-pays: pass --billing-project PROJECT (or set "
+            f"{BILLING_PROJECT_ENV}) to bill its requests to your project"
+        )
+    if "user project specified in the request is invalid" in text:
+        return StorageError(
+            f"{where}: {named} is not a valid project (400); pass an existing project ID "
+            f"with --billing-project (or {BILLING_PROJECT_ENV})"
+        )
+    if "serviceusage.services.use" in text:
+        return StorageError(
+            f"{where}: this identity may not bill requests to {named} (403, no "
+            "serviceusage.services.use); grant it roles/serviceusage.serviceUsageConsumer "
+            "there or pass another --billing-project"
+        )
+    return None
+
+
+def _open_gcs(
+    url: str, credentials: str | None, retry_deadline_s: float, billing_project: str | None = None
+) -> GcsStore:
     try:
         from google.auth.transport.requests import AuthorizedSession
         from google.cloud import storage
@@ -332,4 +395,10 @@ def _open_gcs(url: str, credentials: str | None, retry_deadline_s: float) -> Gcs
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     client = storage.Client(project=project, credentials=creds, _http=session)
-    return GcsStore(client, bucket, prefix, retry_deadline_s)
+    # The client fetches each bucket's metadata in the background for OpenTelemetry span
+    # attributes we never export: a storage.buckets.get without userProject (GCS refuses it
+    # for a requester-pays bucket) that object-only roles may not make either
+    # (googleapis/google-cloud-python#17650). Every check of the cache tests it for None.
+    if getattr(client, "_bucket_metadata_cache", None) is not None:
+        client._bucket_metadata_cache = None
+    return GcsStore(client, bucket, prefix, retry_deadline_s, billing_project)

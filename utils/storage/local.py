@@ -213,3 +213,11 @@ class LocalStore(Store):
             raise StorageError(f"local store {self.base} is not readable; fix its permissions")
         if write and not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(f"local store {self.root} is not writable; fix its permissions")
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(start)
+                return f.read(max(0, length))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(f"{self.url}/{name} does not exist; check the name") from exc

@@ -1,23 +1,47 @@
-"""open_store: the Store for a URL (gs://, file:// or a plain path)."""
+"""open_store: the Store for a URL (gs://, file:// or a plain path); open_bucket: for a config."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import Protocol
 
 from utils.errors import StorageError
 from utils.storage.base import Store
-from utils.storage.gcs import _open_gcs
+from utils.storage.gcs import BILLING_PROJECT_ENV, _open_gcs
 from utils.storage.local import LocalStore
 
 
-def open_store(url: str, credentials: str | None = None, retry_deadline_s: float = 120.0) -> Store:
-    """The store for gs://bucket/prefix, file://path or a plain directory path."""
+class BucketSettings(Protocol):
+    """The fields of a config that say how to open its bucket (TrainingConfig has them).
+
+    A protocol rather than the config class: storage sits below configs and imports none.
+    """
+
+    bucket: str
+    credentials: str
+    billing_project: str
+
+
+def open_store(
+    url: str,
+    credentials: str | None = None,
+    retry_deadline_s: float = 120.0,
+    billing_project: str | None = None,
+) -> Store:
+    """The store for gs://bucket/prefix, file://path or a plain directory path.
+
+    billing_project names the project billed for a requester-pays bucket's requests (sent as
+    userProject on every one); when empty, HARNESS_BILLING_PROJECT is used, and when both
+    are empty nothing is sent (the bucket's own project pays). Local stores ignore it.
+    """
     url = url.strip()
     if not url:
         raise StorageError("empty storage URL; use gs://BUCKET/prefix or a local directory")
     if url.startswith("gs://"):
-        return _open_gcs(url, credentials, retry_deadline_s)
+        billing = billing_project or os.environ.get(BILLING_PROJECT_ENV, "").strip() or None
+        return _open_gcs(url, credentials, retry_deadline_s, billing)
     if url.startswith("file://"):
         path = url[len("file://"):]
         if path.startswith("localhost/"):
@@ -28,3 +52,16 @@ def open_store(url: str, credentials: str | None = None, retry_deadline_s: float
             f"{url}: unsupported storage URL scheme; use gs://BUCKET/prefix, file://DIR or a path"
         )
     return LocalStore(Path(url))
+
+
+def open_bucket(settings: BucketSettings) -> Store:
+    """The config's bucket, opened with its credentials and billing project.
+
+    One place for what every call site would otherwise repeat, so none forgets the billing
+    project of a requester-pays bucket.
+    """
+    return open_store(
+        settings.bucket,
+        credentials=settings.credentials or None,
+        billing_project=settings.billing_project or None,
+    )
