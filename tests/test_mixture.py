@@ -172,3 +172,17 @@ def test_resuming_a_mixture_without_it_says_what_to_do(mix_data, tmp_path):
     assert run.proc.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--data-mix" in errors[0], run.stderr[-2000:]
+
+
+def test_validate_checks_every_source(mix_data, tmp_path):
+    from conftest import run_train
+
+    common = ["--data-dir", str(mix_data), "--bucket", "", "--output-dir", str(tmp_path / "v"),
+              "--seq-len", "64", "--validate"]
+    good = run_train(*common, "--data-mix", "web=3,code=1", tmp_path=tmp_path)
+    assert good.returncode == 0, good.stdout[-2000:]
+    assert re.search(r"\[PASS\] data present.*mix web 75% \([\d,]+ windows\), code 25%",
+                     good.stdout)
+    bad = run_train(*common, "--data-mix", "web=3,math=1", tmp_path=tmp_path)
+    assert bad.returncode == 1
+    assert re.search(r"\[FAIL\] data present.*math does not exist", bad.stdout), bad.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, write_manifest
-from utils.data import read_dataset_meta
+from utils.data import parse_mix, read_dataset_meta
 from utils.loop.engine import Engine
 from utils.stages.task import build_task
 from utils.storage import open_bucket
@@ -73,17 +73,29 @@ def _check_bucket(ctx: dict) -> str:
 def _check_data(ctx: dict) -> str:
     config = ctx["config"]
     if config.stage == "pretrain" and config.sync_data and not Path(config.data_dir).is_dir():
-        listing = ctx["store"].child(config.data_prefix).list() if "store" in ctx else []
-        if not listing:
-            raise RuntimeError(f"no data under {config.bucket}/{config.data_prefix}")
-        return f"{len(listing)} files in the bucket (not synced yet)"
+        if "store" not in ctx:
+            raise Skip("the bucket is not reachable")
+        counts = []
+        for folder in (list(parse_mix(config.data_mix)) if config.data_mix else [""]):
+            prefix = f"{config.data_prefix}/{folder}".rstrip("/")
+            counts.append(len(ctx["store"].child(prefix).list()))
+            if not counts[-1]:
+                raise RuntimeError(f"no data under {config.bucket}/{prefix}")
+        return f"{sum(counts)} files in the bucket (not synced yet)"
     task = ctx["task"] = build_task(config, ctx["engine"])
     task.examples[int(task.train_idx[-1])]  # reads a late example: catches truncation
     if task.base_path is not None:
         return (f"{task.num_files} file(s), {len(task.train_idx):,} training examples, "
                 f"{len(task.eval_idx)} held out; base {task.base_path}")
     windows = task.examples
-    return f"{task.num_files} shards, {windows.num_tokens:,} tokens, {len(windows):,} windows"
+    mix = ""
+    if task.sources is not None:  # every source: its headers were read, now one window
+        for source in task.sources:
+            windows[int(source.indices[0])]
+        mix = "; mix " + ", ".join(f"{s.name} {s.weight:.0%} ({len(s.indices):,} windows)"
+                                   for s in task.sources)
+    return (f"{task.num_files} shards, {windows.num_tokens:,} tokens, {len(windows):,} "
+            f"windows{mix}")
 
 
 def _check_model(ctx: dict) -> str:
