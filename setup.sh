@@ -63,6 +63,24 @@ if [ "$DEV" = 1 ]; then
   "${PIP[@]}" -r requirements-dev.txt
 fi
 
+# A one-node Slurm for tests/test_slurm.py (Debian's slurmctld, slurmd, munge), which skips,
+# saying why, without it. Optional: setup goes on whatever apt says.
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+if [ "$DEV" = 1 ] && [ "$(uname -s)" = Linux ] \
+   && ! { have slurmctld && have slurmd && have munged && have sbatch; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's slurmctld, slurmd and munge (a one-node Slurm for the tests)"
+    apt_log=$(mktemp)
+    if ! (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq \
+          && apt-get install -y -qq --no-install-recommends slurmctld slurmd munge) >"$apt_log" 2>&1; then
+      echo "[setup] could not install slurmctld/slurmd/munge ($(tail -n 1 "$apt_log")): the Slurm test will skip"
+    fi
+    rm -f "$apt_log"
+  else
+    echo "[setup] no Slurm here: the Slurm test skips (as root with apt-get, ./setup.sh --dev installs it)"
+  fi
+fi
+
 .venv/bin/python - <<'PY'
 import shutil
 import torch

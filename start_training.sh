@@ -3,21 +3,23 @@
 #   ./start_training.sh --config NAME --gpus N [--fsdp] [--max-steps K] [--resume X]
 #                       [--mixed-precision bf16|fp16|no] [--backend torch|mlx] [--dry-run]
 #                       [--num-machines M --machine-rank R --main-process-ip IP
-#                        --main-process-port P] [any train.py flag]
+#                        --main-process-port P] [--slurm] [any train.py flag]
 # --gpus 0: CPU, one process.  1: one process.  N>=2 (or M>=2 machines): accelerate launch
 # with configs/accelerate/ddp.yaml (multinode.yaml), or fsdp.yaml with --fsdp; with
 # --backend mlx, N>=2 starts N mlx.launch ranks on this machine. --dry-run prints the
 # command and exits. Arguments are passed on quoted, never re-split or eval'd.
+# --slurm (inside an allocation, one task per node: configs/slurm/train.sbatch): machine
+# rank, machine count and main address come from Slurm, --gpus from SLURM_GPUS_ON_NODE.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 die() { echo "start_training.sh: $*" >&2; exit 2; }
 need() { [ "$1" -ge 2 ] || die "$2 needs a value"; }
 whole() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"; }
 
-CONFIG=smoke GPUS=1 FSDP=0 BACKEND=torch DRY_RUN=0
-NUM_MACHINES=1 MACHINE_RANK=0 MAIN_IP="" MAIN_PORT=29500
+CONFIG=smoke GPUS="" FSDP=0 BACKEND=torch DRY_RUN=0 SLURM=0
+NUM_MACHINES="" MACHINE_RANK="" MAIN_IP="" MAIN_PORT=""
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,6 +27,7 @@ while [ $# -gt 0 ]; do
     --gpus) need $# "$1"; GPUS=$2; shift 2 ;;
     --fsdp) FSDP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --slurm) SLURM=1; shift ;;
     --backend) need $# "$1"; BACKEND=$2; shift 2 ;;
     --num-machines) need $# "$1"; NUM_MACHINES=$2; shift 2 ;;
     --machine-rank) need $# "$1"; MACHINE_RANK=$2; shift 2 ;;
@@ -36,6 +39,39 @@ while [ $# -gt 0 ]; do
     *) usage; die "unexpected argument '$1'" ;;
   esac
 done
+if [ "$SLURM" = 1 ]; then
+  # One launcher per node (srun --ntasks-per-node=1); Slurm says which node this is.
+  [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_NODEID:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] \
+    || die "--slurm needs a Slurm allocation (no SLURM_JOB_ID/SLURM_NODEID/SLURM_JOB_NODELIST here): submit configs/slurm/train.sbatch with sbatch"
+  [ -z "$NUM_MACHINES$MACHINE_RANK" ] \
+    || die "--slurm takes --num-machines and --machine-rank from Slurm (SLURM_NNODES, SLURM_NODEID): drop them"
+  [ "${SLURM_LOCALID:-0}" = 0 ] \
+    || die "--slurm starts one launcher per node, but this is task ${SLURM_LOCALID} of its node: use srun --ntasks-per-node=1"
+  NUM_MACHINES=${SLURM_STEP_NUM_NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}}
+  MACHINE_RANK=$SLURM_NODEID
+  whole SLURM_NNODES "$NUM_MACHINES"; whole SLURM_NODEID "$MACHINE_RANK"
+  if [ "$NUM_MACHINES" -gt 1 ] && [ -z "${SLURM_STEP_ID:-}" ]; then
+    die "--slurm on $NUM_MACHINES nodes must run under srun (one task per node), not in the batch script itself"
+  fi
+  if [ -z "$MAIN_IP" ]; then
+    command -v scontrol >/dev/null 2>&1 || die "--slurm needs scontrol (Slurm's client) to find the main node"
+    HOSTS=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}") \
+      || die "scontrol show hostnames '${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}' failed"
+    MAIN_IP=${HOSTS%%$'\n'*}
+  fi
+  # Jobs that share a node need their own port: 29500 + the job id modulo 1000.
+  whole SLURM_JOB_ID "$SLURM_JOB_ID"
+  [ -n "$MAIN_PORT" ] || MAIN_PORT=$((29500 + SLURM_JOB_ID % 1000))
+  # GPUs of this node: what Slurm allocated (--gpus-per-node), unless --gpus says otherwise;
+  # on a cluster without GPU GRES, the GPUs nvidia-smi sees (none: the CPU).
+  if [ -z "$GPUS" ]; then
+    GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)}
+    whole SLURM_GPUS_ON_NODE "$GPUS"
+    [ "$NUM_MACHINES" -eq 1 ] || [ "$GPUS" -ge 1 ] \
+      || die "--slurm on $NUM_MACHINES nodes needs GPUs on each: sbatch --gpus-per-node=G (or --gpus G)"
+  fi
+fi
+GPUS=${GPUS:-1} NUM_MACHINES=${NUM_MACHINES:-1} MACHINE_RANK=${MACHINE_RANK:-0} MAIN_PORT=${MAIN_PORT:-29500}
 whole --gpus "$GPUS"; whole --num-machines "$NUM_MACHINES"; whole --machine-rank "$MACHINE_RANK"
 whole --main-process-port "$MAIN_PORT"
 [ "$NUM_MACHINES" -ge 1 ] || die "--num-machines must be at least 1"
@@ -47,6 +83,8 @@ if [ "$NUM_MACHINES" -gt 1 ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+  # Every node would run it at once on a shared file system.
+  [ "$SLURM" = 0 ] || die "--slurm: no .venv in $PWD: run ./setup.sh once before submitting"
   echo "[start] no .venv yet: running ./setup.sh"
   ./setup.sh
 fi
@@ -74,7 +112,20 @@ else
        --num_processes "$((GPUS * NUM_MACHINES))" --num_machines "$NUM_MACHINES"
        --machine_rank "$MACHINE_RANK" --main_process_port "$MAIN_PORT")
   [ -n "$MAIN_IP" ] && CMD+=(--main_process_ip "$MAIN_IP")
+  if [ "$SLURM" = 1 ]; then
+    # Every line of a rank's output starts with "[rankN]: " (global rank) in the job's log;
+    # a copy per rank goes to the run's output directory, slurm-JOB_ID/.
+    RUN_DIR=$("$PY" -c 'import sys; from configs.cli import parse_args; print(parse_args(sys.argv[1:])[0].effective_output_dir)' "${ALL[@]}")
+    CMD+=(--tee 3 --log_dir "$RUN_DIR/slurm-$SLURM_JOB_ID")
+    export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE=${TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE:-'[rank${rank}]: '}
+  fi
   CMD+=(train.py "${ALL[@]}")
+fi
+if [ "$SLURM" = 1 ]; then
+  export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}  # the job's log is a file: show lines as they come
+  PROCS=$(( GPUS > 1 ? GPUS : 1 ))
+  echo "[start] slurm job $SLURM_JOB_ID on $(hostname -s 2>/dev/null || hostname): machine rank $MACHINE_RANK of $NUM_MACHINES," \
+       "ranks $((MACHINE_RANK * PROCS))-$((MACHINE_RANK * PROCS + PROCS - 1)) of $((NUM_MACHINES * PROCS)) here, main process $MAIN_IP:$MAIN_PORT"
 fi
 echo "[start] $(printf '%q ' "${CMD[@]}")"
 [ "$DRY_RUN" = 1 ] && exit 0

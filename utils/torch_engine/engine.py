@@ -9,6 +9,7 @@ to a training step.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,6 +81,9 @@ class TorchEngine:
         self.is_main_process = acc.is_main_process
         self.is_local_main_process = acc.is_local_main_process
         self.where = f"{self.num_processes} process(es)"
+        if self.num_processes > 1:  # each rank says where it runs (job logs show every rank)
+            print(f"process {self.process_index} of {self.num_processes} on "
+                  f"{socket.gethostname()}: {self.device}", flush=True)
         self.accelerated = self.device.type != "cpu"
         reason = fp8_unavailable(self.device) if config.fp8 else None
         if reason:  # before any data is read or synced
