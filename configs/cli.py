@@ -18,6 +18,20 @@ from utils.errors import ConfigError
 from utils.secrets import credentials_problem
 
 BUCKET_ENV = "HARNESS_BUCKET"
+TRACKERS = ("tensorboard", "wandb")  # what --report-to may list (or "none")
+
+
+def report_to(value: str) -> list[str]:
+    """``--report-to`` as a list of trackers (``none`` or nothing: []); ConfigError naming the
+    valid ones for anything else."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in (*TRACKERS, "none")]
+    if unknown or ("none" in names and len(names) > 1):
+        what = (f"unknown tracker {', '.join(map(repr, unknown))}" if unknown
+                else "none cannot be combined with a tracker")
+        raise ConfigError(f"--report-to {value!r}: {what}; valid: {', '.join(TRACKERS)} "
+                          f"(comma-separated), or none")
+    return [name for name in dict.fromkeys(names) if name != "none"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -100,6 +114,7 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           f"or use --no-sync-data with data already in --data-dir")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
+    report_to(config.report_to)
     problem = credentials_problem(config.credentials, "--credentials")
     if problem:
         raise ConfigError(problem)

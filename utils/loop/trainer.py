@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, find_complete
 from utils.checkpoint.publisher import CheckpointPublisher
-from utils.data import WindowBatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.gce import preemption_facts
+from utils.loop.log_mirror import start_log_mirror
 from utils.loop.metrics import (
     MetricsWriter,
     ThroughputMeter,
@@ -42,7 +42,7 @@ from utils.loop.setup import (
     uploads_survive_an_abort,
 )
 from utils.loop.signals import PreemptionHandler
-from utils.loop.tracker import TensorBoard
+from utils.loop.tracker import check_trackers, open_trackers
 from utils.processes import printer
 from utils.stages.base import tokenizer_dir
 from utils.stages.task import Task, build_task
@@ -88,6 +88,7 @@ class Trainer:
         self.say = printer(engine.is_local_main_process)
         self.output_dir = Path(config.effective_output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
+        check_trackers(config, engine)  # no wandb package or login: one line now, not later
 
         prepare_output_dir(self.output_dir, engine)
 
@@ -99,20 +100,23 @@ class Trainer:
         self.store = open_checkpoint_store(config, engine)
         claim_run(config, engine, self.ckpt_root, self.store, self.say)
         self.state = self._resume()
-        self.sampler = WindowBatchSampler(
-            self.task.train_idx, config.per_device_train_batch_size, engine.process_index,
-            engine.num_processes, config.seed, self.state.position, self.task.lengths)
+        self.sampler = self.task.sampler(config.per_device_train_batch_size,
+                                         engine.process_index, engine.num_processes,
+                                         config.seed, self.state.position)
         self.batches = engine.batches(self.task, self.sampler)
         self.meter = self._meter(self.info)
         self._banner()
 
         # Logging, checkpoints and uploads happen on the global main process only.
-        self.metrics = self.tensorboard = None
-        if self.main:
+        self.metrics = self.log_mirror = None
+        self.trackers = open_trackers(config, self.state, engine,
+                                      self.output_dir / "logs" / config.run_name, self.output_dir)
+        if self.main:  # the mirror copies logs to the bucket in the background, never waited on
+            self.log_mirror = start_log_mirror(config, self.store, self.output_dir,
+                                               self.trackers.flush, self.say,
+                                               resumed=self.state.step > 0)
             self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl",
                                          start_step=self.state.step)
-            self.tensorboard = TensorBoard(self.output_dir / "logs" / config.run_name,
-                                           config.record())
         self.publisher = CheckpointPublisher(
             self.store if self.main else None, f"checkpoints/{config.run_name}",
             background=config.background_upload and self.main,
@@ -139,7 +143,8 @@ class Trainer:
         state = TrainState(num_files=task.num_files, train_windows=len(task.train_idx),
                            world_size=engine.num_processes,
                            global_batch_windows=config.per_device_train_batch_size
-                           * engine.num_processes, seed=config.seed)
+                           * engine.num_processes, seed=config.seed,
+                           position=task.start_position())
         if resume_from is not None:
             continue_from(state, self.engine.load(resume_from), resume_from, self.say,
                           allow_seed_change=config.allow_seed_change)
@@ -195,7 +200,7 @@ class Trainer:
         self.say(f"eval_reward before training: {reward:.4f}")
         if self.main:
             self.metrics.write({"step": 0, "eval_reward": reward})
-            self.tensorboard.log({"eval_reward": reward}, 0)
+            self.trackers.log({"eval_reward": reward}, 0)
 
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -266,6 +271,9 @@ class Trainer:
                   "tokens_seen": state.tokens_seen, **self.meter.read(),
                   "memory_gib": self.engine.memory_gib(), **means}
         record["step_time_s"] /= steps
+        if self.task.sources is not None:  # --data-mix: how much of each source so far
+            record["tokens_by_source"] = {name: windows * config.seq_len for name, windows
+                                          in self.sampler.taken_by_source().items()}
         record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
         if due(state.step, config.eval_steps, config.max_steps):
             # GRPO's held-out number is the mean reward of greedy completions.
@@ -274,7 +282,7 @@ class Trainer:
                 self.engine, self.task, config.per_device_train_batch_size)
         if self.main:
             self.metrics.write(record)
-            self.tensorboard.log(record, state.step)
+            self.trackers.log(record, state.step)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         eta=format_eta(record["eta_s"]))
         self.engine.reset_interval()
@@ -296,8 +304,10 @@ class Trainer:
             self.saver.wait()  # the last checkpoint is written, then uploaded
             uploads_done = finish_uploads(self.publisher, config,
                                           lambda: self.preemption.requested)
-        if self.main:
-            self.tensorboard.close()
+        if self.main:  # a signalled run keeps its budget for the checkpoint: bounded here
+            self.trackers.close(timeout=2.0 if stopped_early else None)
+            if self.log_mirror is not None:
+                self.log_mirror.close(2.0 if stopped_early else config.upload_timeout_s)
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
                 merged = self.engine.merge(find_complete(self.ckpt_root)[-1],
