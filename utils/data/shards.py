@@ -12,11 +12,15 @@ Everything is memory-mapped (compressed ``.npz`` members excepted, which cannot 
 100 GB dataset costs page cache, not RAM. numpy only: both engines read the same windows.
 Only the most recently used maps stay open (each holds a file descriptor), and the largest
 token id of every shard is cached in the hidden ``.shard-stats.json`` of the data root.
+Streaming (``utils/streaming``) describes shards before they are downloaded (``npy_shard``,
+``bin_shard``) and builds the windows with ``TokenWindows.from_table``, whose hook waits for
+each file to arrive.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import mmap  # noqa: F401 - np.memmap imports it on first use, which fails with no fd left
 import os
@@ -24,6 +28,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,9 +236,15 @@ def _inspect_npz(path: Path) -> _Shard:
     return _checked(path, dtype, shape, fortran, offset, data_bytes)
 
 
-def _inspect_bin(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Shard:
-    dtype = _bin_dtype(path, root, cache)
-    size = path.stat().st_size
+def bin_shard(
+    path: Path, size: int, root: Path | None = None, dtypes: dict[Path, np.dtype] | None = None
+) -> _Shard:
+    """A ``.bin`` shard of ``size`` bytes; the file itself need not exist yet (streaming).
+
+    The dtype comes from the nearest ``dataset.json`` up to ``root``, which must be local;
+    ``dtypes`` caches it per folder across calls.
+    """
+    dtype = _bin_dtype(path, root, {} if dtypes is None else dtypes)
     if size == 0:
         raise DataError(f"{path}: shard is empty (0 bytes); delete it or re-create it")
     if size % dtype.itemsize:
@@ -242,6 +253,25 @@ def _inspect_bin(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> 
             "truncated, or the dtype in dataset.json is wrong"
         )
     return _checked(path, dtype, (size // dtype.itemsize,), False, 0, size)
+
+
+def npy_shard(path: Path, head: bytes, size: int) -> _Shard:
+    """A ``.npy`` shard from its first bytes (the whole header) and its size, without the file.
+
+    Streaming learns a shard's layout from a ranged read of the bucket object, so that
+    windows can be numbered before any shard is downloaded.
+    """
+    f = io.BytesIO(head)
+    try:
+        dtype, shape, fortran = _read_npy_header(f, path)
+    except _READ_ERRORS as e:
+        raise DataError(f"{path}: unreadable .npy header ({type(e).__name__}: {e}); "
+                        "re-create it") from e
+    return _checked(path, dtype, shape, fortran, f.tell(), size - f.tell())
+
+
+def _inspect_bin(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Shard:
+    return bin_shard(path, path.stat().st_size, root, cache)
 
 
 def _inspect(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Shard:
@@ -379,6 +409,23 @@ def _default_max_open() -> int:
     return MAX_OPEN_SHARDS if limit is None else max(4, min(MAX_OPEN_SHARDS, limit // 4))
 
 
+def _check_args(shards: Sequence[Any], seq_len: int, max_open: int | None) -> None:
+    if seq_len < 1:
+        raise DataError(f"seq_len={seq_len} must be >= 1")
+    if not shards:
+        raise DataError(f"no shards given; {HOW_TO_GET_DATA}")
+    if max_open is not None and max_open < 1:
+        raise DataError(f"max_open={max_open} must be >= 1 (or None for the default)")
+
+
+def _inode(path: Path) -> int | None:
+    """The file's inode now; None if it is gone."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 class TokenWindows:
     """Map-style dataset of windows of ``seq_len + 1`` tokens (inputs plus shifted targets).
 
@@ -397,15 +444,35 @@ class TokenWindows:
         """``root`` bounds the upward search for the ``dataset.json`` giving ``.bin`` dtypes
         and holds the id cache (default: the shards' common folder); ``max_open`` defaults to
         ``MAX_OPEN_SHARDS``, less under a low ``ulimit -n``."""
-        if seq_len < 1:
-            raise DataError(f"seq_len={seq_len} must be >= 1")
-        if not shards:
-            raise DataError(f"no shards given; {HOW_TO_GET_DATA}")
-        if max_open is not None and max_open < 1:
-            raise DataError(f"max_open={max_open} must be >= 1 (or None for the default)")
-        self.seq_len = seq_len
+        _check_args(shards, seq_len, max_open)
         cache: dict[Path, np.dtype] = {}
-        self._shards = [_inspect(Path(p), root, cache) for p in shards]
+        self._build([_inspect(Path(p), root, cache) for p in shards], seq_len, root, max_open)
+
+    @classmethod
+    def from_table(
+        cls, shards: Sequence[_Shard], seq_len: int, *, wait: Callable[[int], None],
+        root: Path | None = None, max_open: int | None = None,
+    ) -> TokenWindows:
+        """Windows over shards described up front (``npy_shard``/``bin_shard``) whose files
+        may not exist yet: streaming numbers the windows before the downloads.
+
+        ``wait(k)`` runs before shard ``k`` is opened and returns once its file is local and
+        verified (or raises ``DataError``); it is pickled into DataLoader workers, so it must
+        be a picklable object, not a thread or a lock.
+        """
+        _check_args(shards, seq_len, max_open)
+        self = cls.__new__(cls)
+        self._build(list(shards), seq_len, root, max_open, wait)
+        return self
+
+    def _build(
+        self, shards: list[_Shard], seq_len: int, root: Path | None, max_open: int | None,
+        wait: Callable[[int], None] | None = None,
+    ) -> None:
+        self.seq_len = seq_len
+        self._shards = shards
+        self._wait = wait
+        self._inodes: dict[int, int | None] = {}  # streaming: the file each open map came from
         self.num_tokens = sum(s.num_tokens for s in self._shards)
         per_shard = [max(0, (s.num_tokens - 1) // seq_len) for s in self._shards]
         self._cum = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
@@ -423,9 +490,14 @@ class TokenWindows:
     def __len__(self) -> int:
         return int(self._cum[-1])
 
+    @property
+    def shard_windows(self) -> np.ndarray:
+        """Windows per shard, in shard order (shard ``k`` holds ids ``cum[k]..cum[k+1]-1``)."""
+        return np.diff(self._cum)
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the shard table only: each worker maps the files itself."""
-        return {**self.__dict__, "_arrays": OrderedDict()}
+        return {**self.__dict__, "_arrays": OrderedDict(), "_inodes": {}}
 
     def _array(self, k: int) -> np.ndarray:
         """Shard ``k``'s tokens from the LRU of open maps, opening (and evicting) on a miss.
@@ -438,15 +510,29 @@ class TokenWindows:
         if arr is not None:
             self._arrays.move_to_end(k)
             return arr
+        if self._wait is not None:
+            self._wait(k)
+            self._close_replaced()
         arr = self._open(k)
         self._arrays[k] = arr
         if len(self._arrays) > self._max_open:
-            self._arrays.popitem(last=False)  # the last reference: its map and descriptor close
+            old, _ = self._arrays.popitem(last=False)  # the last reference: map and fd close
+            self._inodes.pop(old, None)
         return arr
+
+    def _close_replaced(self) -> None:
+        """Streaming: close the maps of files the cache deleted (or replaced) since we opened
+        them. A deleted file keeps its disk space while mapped, so an LRU of 128 open maps
+        would otherwise hold up to 128 evicted shards on disk beyond the cache limit."""
+        for j in [j for j in self._arrays if _inode(self._shards[j].path) != self._inodes.get(j)]:
+            del self._arrays[j]
+            self._inodes.pop(j, None)
 
     def _open(self, k: int) -> np.ndarray:
         """Open shard ``k``; out of descriptors, close all our maps and try once more."""
         s = self._shards[k]
+        if self._wait is not None:
+            self._inodes[k] = _inode(s.path)
         try:
             return _open_tokens(s)
         except OSError as e:
