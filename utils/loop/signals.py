@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 
-
 # A repeat of the first signal this soon is one stop delivered twice, not a second request.
 REPEAT_S = 2.0
 
