@@ -112,6 +112,15 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         raise ConfigError(f"{where} syncs data from a bucket but none is set: pass "
                           f"--bucket gs://NAME/PREFIX (or a local directory), set ${BUCKET_ENV}, "
                           f"or use --no-sync-data with data already in --data-dir")
+    if config.stream and not config.bucket:
+        raise ConfigError("--stream reads shards from a bucket while training: pass --bucket "
+                          "gs://NAME/PREFIX (or a local directory), or drop --stream to train "
+                          "on --data-dir")
+    if config.prefetch_shards < 0 or config.shuffle_block_shards < 1 \
+            or not config.cache_limit_gb >= 0:
+        raise ConfigError(f"--prefetch-shards must be >= 0, --shuffle-block-shards >= 1 and "
+                          f"--cache-limit-gb >= 0 (0 = no limit); got {config.prefetch_shards}, "
+                          f"{config.shuffle_block_shards} and {config.cache_limit_gb}")
     if not config.run_name:
         raise ConfigError("--run-name must not be empty")
     report_to(config.report_to)

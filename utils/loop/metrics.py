@@ -100,7 +100,8 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: float,
                 last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
                 stopped_early: bool, where: str, ckpt_root: Path, store,
-                local_only: list[tuple[str, str]] = (), saving: str = "") -> tuple[dict, str]:
+                local_only: list[tuple[str, str]] = (), saving: str = "",
+                streamed: str = "") -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -120,6 +121,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("eval reward" if config.stage == "grpo" else "eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
         *([("saving", saving)] if saving else []),
+        *([("streamed", streamed)] if streamed else []),
         ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
         *[("not uploaded", f"{name}: {reason} (stays local)") for name, reason in local_only],
         ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),

@@ -34,7 +34,7 @@ def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
     With ``--data-mix`` only the mixed sources' sub-folders are synced (a bucket may hold
     many more), plus the prefix's own ``dataset.json`` (the tokenizer facts they share).
     """
-    if not config.sync_data:
+    if not config.sync_data or config.stream:  # streaming fetches shards as they are needed
         return
     if processes.is_local_main_process:
         from utils.storage import sync_down

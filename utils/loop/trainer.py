@@ -103,6 +103,9 @@ class Trainer:
         self.sampler = self.task.sampler(config.per_device_train_batch_size,
                                          engine.process_index, engine.num_processes,
                                          config.seed, self.state.position)
+        if self.task.feed is not None:  # --stream: fetch from where this run starts
+            self.task.feed.start(self.state.position, engine, self.sampler.global_batch,
+                                 self.say)
         self.batches = engine.batches(self.task, self.sampler)
         self.meter = self._meter(self.info)
         self._banner()
@@ -184,15 +187,19 @@ class Trainer:
                    disable=not self.main, dynamic_ncols=True)
         stopped_early = False
         self.meter.reset()
-        with uploads_survive_an_abort(self.publisher, bar, config, self.say):
-            while state.step < config.max_steps and not stopped_early:
-                self._step()
-                bar.update(1)
-                stopped_early = self._after_step(bar)
-            if self.pending_votes is not None:
-                self.pending_votes()  # the last exchange, so no collective is left in flight
-        elapsed = time.perf_counter() - started
-        return self._finish(start_step, start_tokens, elapsed, stopped_early)
+        try:
+            with uploads_survive_an_abort(self.publisher, bar, config, self.say):
+                while state.step < config.max_steps and not stopped_early:
+                    self._step()
+                    bar.update(1)
+                    stopped_early = self._after_step(bar)
+                if self.pending_votes is not None:
+                    self.pending_votes()  # the last exchange: no collective left in flight
+            elapsed = time.perf_counter() - started
+            return self._finish(start_step, start_tokens, elapsed, stopped_early)
+        finally:
+            if self.task.feed is not None:
+                self.task.feed.close()
 
     def _baseline_reward(self) -> None:
         """GRPO: the base's held-out reward before any step, what the run improves on."""
@@ -220,6 +227,8 @@ class Trainer:
         self.state.step += 1
         self.state.tokens_seen += tokens
         self.state.position = self.sampler.position
+        if self.task.feed is not None:
+            self.task.feed.follow(self.state.position)
         self.interval_steps += 1
         self.meter.add(tokens)
 
@@ -319,7 +328,8 @@ class Trainer:
             elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
             saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
-            local_only=self.publisher.local_only, saving=self.saver.totals())
+            local_only=self.publisher.local_only, saving=self.saver.totals(),
+            streamed=self.task.feed.summary() if self.task.feed is not None else "")
         self.say(table)
         return summary
 

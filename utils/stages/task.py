@@ -50,6 +50,7 @@ from utils.stages.grpo import (
     prompt_lengths,
     rollout,
 )
+from utils.stages.streamed import StreamFeed, open_source
 
 Batch = dict[str, np.ndarray]
 
@@ -76,6 +77,9 @@ class Task:
     rollout: Callable[[Batch, np.ndarray], tuple[Batch, dict[str, float]]] | None = None
     # --data-mix: the weighted sources the training windows are drawn from (None: one source).
     sources: list[Source] | None = None
+    # --stream: each source's epoch order (block-shuffled, in global ids) and the caches.
+    orders: list[Callable[[int], np.ndarray]] | None = None
+    feed: StreamFeed | None = None
 
     def start_position(self) -> DataPosition | MixturePosition:
         """Where a fresh run starts in the data."""
@@ -90,9 +94,10 @@ class Task:
         the loop refuses a checkpoint with the other kind)."""
         if isinstance(position, MixturePosition):
             return MixtureBatchSampler(self.sources, per_device_batch, rank, world, seed,
-                                       position)
+                                       position, self.orders)
         return WindowBatchSampler(self.train_idx, per_device_batch, rank, world, seed,
-                                  position, self.lengths)
+                                  position, self.lengths,
+                                  order=self.orders[0] if self.orders else None)
 
     def check_vocab(self, model_vocab: int) -> None:
         """CheckpointError if the tokenizer has ids the base model cannot embed."""
@@ -110,36 +115,47 @@ def build_task(config: TrainingConfig, processes: Processes) -> Task:
 
 
 def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> Task:
-    """Shards under ``data_dir`` (or its ``--data-mix`` sub-folders) as fixed windows, split
-    into training and held-out ones.
+    """Shards under ``data_dir`` (or its ``--data-mix`` sub-folders; with ``--stream``, of
+    the bucket's data prefix) as fixed windows, split into training and held-out ones.
 
     Every token id must fit the model's vocabulary (another tokenizer's shards would fail deep
     in the model, on a GPU as a device-side assert): each machine's main process scans the
-    shards once (cached), the others then read the cache.
+    shards once (cached), the others then read the cache. Streamed shards are not local yet,
+    so they are not scanned.
     """
     root = Path(config.data_dir)
     weights = parse_mix(config.data_mix) if config.data_mix else {"": 1.0}
     held_out = split_count(config.eval_windows, list(weights.values()))
-    parts, sources, eval_idx, num_files = [], [], [], 0
+    parts, sources, eval_idx, orders, streamed, num_files = [], [], [], [], [], 0
     for (name, weight), n_eval in zip(weights.items(), held_out, strict=True):
-        shards = find_shards(root / name, max_files=config.max_files or None)
-        windows = TokenWindows(shards, config.seq_len, root=root / name)
-        train, held = train_eval_split(len(windows), n_eval, config.seed)
         start = sum(len(p) for p in parts)
+        if config.stream:
+            source = open_source(config, name, n_eval, processes)
+            windows, train, held = source.windows, source.train, source.held_out
+            orders.append(lambda epoch, source=source, start=start: source.order(epoch) + start)
+            streamed.append(source)
+            num_files += len(source.shards)
+        else:
+            shards = find_shards(root / name, config.max_files or None)
+            windows = TokenWindows(shards, config.seq_len, root=root / name)
+            train, held = train_eval_split(len(windows), n_eval, config.seed)
+            num_files += len(shards)
         parts.append(windows)
         sources.append(Source(name, weight, train + start))
         eval_idx.append(held + start)
-        num_files += len(shards)
     examples = parts[0] if len(parts) == 1 and not config.data_mix else ConcatWindows(parts)
     meta = read_dataset_meta(root / next(iter(weights))) or read_dataset_meta(root) or {}
-    with local_main_first(processes):
-        examples.check_vocab(hf_config_for(config.model, meta).vocab_size)
+    if not config.stream:
+        with local_main_first(processes):
+            examples.check_vocab(hf_config_for(config.model, meta).vocab_size)
     return Task(stage="pretrain", examples=examples,
                 train_idx=np.concatenate([s.indices for s in sources]),
                 eval_idx=np.concatenate(eval_idx), num_files=num_files,
                 collate=_stack_windows,
                 count_tokens=lambda batch: len(batch["input_ids"]) * config.seq_len,
-                meta=meta, sources=sources if config.data_mix else None)
+                meta=meta, sources=sources if config.data_mix else None,
+                orders=orders or None,
+                feed=StreamFeed(streamed, config) if streamed else None)
 
 
 def _stack_windows(windows: list[np.ndarray]) -> Batch:
