@@ -73,6 +73,7 @@ def test_a_killed_streaming_mixture_resumes_with_identical_losses_on_a_new_machi
                                            streamed_bucket, *mix))
     assert whole.proc.returncode == 0, whole.stderr[-3000:]
     assert "shards" in _summary_row(whole, "streamed")
+    assert "vocab 2048" in whole.stdout  # the prefix's dataset.json was fetched, not a default
 
     out = tmp_path / "cut"
     first = Run(tmp_path, "first", _args(tmp_path / "d1", out, streamed_bucket, *mix))

@@ -15,10 +15,11 @@ from typing import Protocol
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint import TrainState
-from utils.data import META_NAME, MixturePosition, parse_mix
+from utils.data import MixturePosition, parse_mix
 from utils.errors import CheckpointError, StorageError, TrainingError, first_line
-from utils.fs import atomic_write, remove_stale_tmp
+from utils.fs import remove_stale_tmp
 from utils.processes import Processes
+from utils.stages.streamed import fetch_shared_meta
 from utils.storage import open_bucket
 
 
@@ -50,18 +51,8 @@ def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
                 raise TrainingError(f"{len(result.failed)} data files failed to sync from "
                                     f"{store.url}/{folder}: {result.failed[0]}")
         if folders != [""]:
-            _fetch_dataset_meta(store, Path(config.data_dir))
+            fetch_shared_meta(store, Path(config.data_dir))
     processes.wait_for_everyone()
-
-
-def _fetch_dataset_meta(store, data_dir: Path) -> None:
-    """The data prefix's top-level ``dataset.json``, when it has one."""
-    from utils.storage import ObjectNotFound
-
-    try:
-        atomic_write(data_dir / META_NAME, store.read_bytes(META_NAME))
-    except ObjectNotFound:
-        pass
 
 
 def open_checkpoint_store(config: TrainingConfig, processes: Processes):

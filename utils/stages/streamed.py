@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from configs.training_config import TrainingConfig
-from utils.data import DataPosition, MixturePosition, TokenWindows
+from utils.data import META_NAME, DataPosition, MixturePosition, TokenWindows
 from utils.data.blocks import block_order, shard_schedule
 from utils.errors import DataError
+from utils.fs import atomic_write
 from utils.processes import Processes, local_main_first
-from utils.storage import Store, open_store
+from utils.storage import ObjectNotFound, Store, open_store
 from utils.streaming import RemoteShard, ShardCache, minimum_bytes, remote_shards, stream_windows
 
 # A bucket that does not answer is retried by the cache until it does; each attempt gives up
@@ -68,17 +69,30 @@ def held_out_split(shard_windows: np.ndarray, n_eval: int, seed: int
     return np.setdiff1d(np.arange(cum[-1]), held), held, pinned
 
 
+def fetch_shared_meta(store: Store, data_dir: Path) -> None:
+    """The data prefix's own ``dataset.json`` (the tokenizer facts a mixture's sources
+    share), when it has one; sources are fetched from their sub-folders only."""
+    try:
+        data = store.read_bytes(META_NAME)
+    except ObjectNotFound:
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(data_dir / META_NAME, data)
+
+
 def open_source(config: TrainingConfig, folder: str, n_eval: int,
                 processes: Processes) -> StreamedSource:
     """A source's shard table (the machine's main process lists and reads headers first,
     the others then find them cached) and its windows; nothing is downloaded yet."""
-    prefix = "/".join(p for p in (config.data_prefix, folder) if p)
-    store = open_store(config.bucket, credentials=config.credentials or None,
-                       retry_deadline_s=ATTEMPT_DEADLINE_S,
-                       billing_project=config.billing_project or None).child(prefix)
+    data = open_store(config.bucket, credentials=config.credentials or None,
+                      retry_deadline_s=ATTEMPT_DEADLINE_S,
+                      billing_project=config.billing_project or None).child(config.data_prefix)
+    store = data.child(folder) if folder else data
     root = Path(config.data_dir) / folder
     with local_main_first(processes):
         shards = remote_shards(store, root, config.max_files or None)
+        if folder and processes.is_local_main_process:
+            fetch_shared_meta(data, Path(config.data_dir))
     windows = stream_windows(shards, config.seq_len, root)
     train, held, pinned = held_out_split(windows.shard_windows, n_eval, config.seed)
     return StreamedSource(store, root, shards, windows, train, held, pinned, config.seed,
