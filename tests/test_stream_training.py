@@ -170,3 +170,20 @@ def test_a_bucket_that_goes_away_mid_stream_only_makes_training_wait(sample_data
     waited = float(re.search(r"training waited ([\d.]+) s", _summary_row(run, "streamed"))[1])
     assert waited > 0.5, run.stdout[-2000:]
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "calm")]
+
+
+def test_validate_lists_every_streamed_source_and_reads_a_shard_of_each(streamed_bucket,
+                                                                         tmp_path):
+    from conftest import run_train
+
+    common = ["--config", "production", "--model", "tiny", "--seq-len", "64", "--stream",
+              "--bucket", streamed_bucket, "--data-dir", str(tmp_path / "d"), "--output-dir",
+              str(tmp_path / "out"), "--mixed-precision", "no", "--no-compile", "--validate"]
+    good = run_train(*common, "--data-mix", "web=3,code=1", tmp_path=tmp_path)
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-2000:]
+    assert re.search(r"\[PASS\] data present.*32 shards listed in 2 source\(s\).*first shard of "
+                     r"each downloaded", good.stdout), good.stdout
+    assert len(list((tmp_path / "d" / "code").glob("*.npy"))) >= 1
+    bad = run_train(*common, "--data-mix", "web=3,math=1", tmp_path=tmp_path)
+    assert bad.returncode == 1
+    assert re.search(r"\[FAIL\] data present.*math", bad.stdout), bad.stdout

@@ -72,7 +72,8 @@ def _check_bucket(ctx: dict) -> str:
 
 def _check_data(ctx: dict) -> str:
     config = ctx["config"]
-    if config.stage == "pretrain" and config.sync_data and not Path(config.data_dir).is_dir():
+    if (config.stage == "pretrain" and config.sync_data and not config.stream
+            and not Path(config.data_dir).is_dir()):
         if "store" not in ctx:
             raise Skip("the bucket is not reachable")
         counts = []
@@ -83,6 +84,8 @@ def _check_data(ctx: dict) -> str:
                 raise RuntimeError(f"no data under {config.bucket}/{prefix}")
         return f"{sum(counts)} files in the bucket (not synced yet)"
     task = ctx["task"] = build_task(config, ctx["engine"])
+    if task.feed is not None:
+        return _check_stream(ctx, task)
     task.examples[int(task.train_idx[-1])]  # reads a late example: catches truncation
     if task.base_path is not None:
         return (f"{task.num_files} file(s), {len(task.train_idx):,} training examples, "
@@ -96,6 +99,18 @@ def _check_data(ctx: dict) -> str:
                                    for s in task.sources)
     return (f"{task.num_files} shards, {windows.num_tokens:,} tokens, {len(windows):,} "
             f"windows{mix}")
+
+
+def _check_stream(ctx: dict, task) -> str:
+    """--stream: every source was listed (and its .npy headers read) by ``build_task``; start
+    the caches and read each source's first window, which downloads and verifies a shard."""
+    config, engine = ctx["config"], ctx["engine"]
+    task.feed.start(task.start_position(), engine, config.per_device_train_batch_size,
+                    lambda line: None)
+    for order in task.orders:
+        task.examples[int(order(0)[0])]
+    return (f"{task.num_files} shards listed in {len(task.orders)} source(s), "
+            f"{len(task.examples):,} windows; the first shard of each downloaded and read")
 
 
 def _check_model(ctx: dict) -> str:
@@ -116,7 +131,8 @@ def _batch(ctx: dict) -> dict:
     if "info" not in ctx:
         raise Skip("needs the model")
     task = ctx["task"]
-    return task.collate([task.examples[int(i)] for i in task.train_idx[:2]])
+    sampler = task.sampler(2, 0, 1, ctx["config"].seed, task.start_position())
+    return task.collate([task.examples[i] for i in next(iter(sampler))])  # what trains first
 
 
 def _eval_loss(ctx: dict) -> float:
