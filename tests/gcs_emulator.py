@@ -157,7 +157,8 @@ class FaultProxy:
     ("503", "403"), "reset" (the socket is closed with RST, like a dropped connection),
     "stall" (the real answer's headers and first half of its body are sent, then nothing until
     release is set: a transfer caught mid-way, e.g. by a SIGTERM), or a callable run before
-    the request is forwarded (e.g. restart the emulator mid-upload).
+    the request is forwarded (e.g. restart the emulator mid-upload). ``answer``, when given,
+    sees every request and may refuse it with a GCS error (status, message, reason).
     Everything else is forwarded unchanged, so the client talks to a real server throughout;
     delay_s adds a round-trip latency to every request (benches: GCS is not on localhost).
     """
@@ -168,11 +169,13 @@ class FaultProxy:
         faults: list[str | Callable[[], None]],
         match: str = "alt=media",
         delay_s: float = 0.0,
+        answer: Callable[[str], tuple[int, str, str] | None] | None = None,
     ) -> None:
         self.target = urllib.parse.urlsplit(target)
         self.faults = list(faults)
         self.match = match
         self.delay_s = delay_s
+        self.answer = answer  # "METHOD path" -> (status, message, reason) to refuse it, or None
         self.served: list[str | Callable[[], None]] = []
         self.requests: list[str] = []  # "METHOD path?query" of every request, in order
         self.release = threading.Event()  # lets "stall" answers finish (set by stop())
@@ -204,6 +207,14 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = proxy._next_fault(self.command, self.path)
                 time.sleep(proxy.delay_s)
+                error = proxy.answer(f"{self.command} {self.path}") if proxy.answer else None
+                if error is not None:  # GCS's JSON error body, as the real service words it
+                    code, message, reason = error
+                    payload = {"error": {"code": code, "message": message, "errors": [
+                        {"message": message, "domain": "global", "reason": reason}]}}
+                    self._reply(code, [("Content-Type", "application/json; charset=UTF-8")],
+                                json.dumps(payload).encode())
+                    return
                 if fault == "reset":
                     self.connection.setsockopt(
                         socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)

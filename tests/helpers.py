@@ -73,6 +73,37 @@ def train(tmp: Path, name: str, args: list[str], env: dict[str, str] | None = No
     return run
 
 
+def kill_and_resume(tmp: Path, out: Path, args: list[str], kill_at: int,
+                    new_machine: Callable[[], None] = lambda: None) -> Run:
+    """Run train.py until step ``kill_at`` is logged, SIGKILL it, call ``new_machine()`` (e.g.
+    delete local data), then run it again with ``--resume latest`` to its end."""
+    first = Run(tmp, "first", args)
+    first.wait_for(lambda: last_step(out) >= kill_at, f"step {kill_at}")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    new_machine()
+    second = train(tmp, "second", [*args, "--resume", "latest"])
+    assert second.proc.returncode == 0, second.stderr[-3000:]
+    return second
+
+
+def assert_same_records(out: Path, reference: Path, keys: tuple[str, ...], steps: int) -> None:
+    """``out`` logged steps 1..steps with the same ``keys`` values as ``reference``."""
+    expected, got = metrics(reference), metrics(out)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for key in keys:
+        assert [r[key] for r in got] == [r[key] for r in expected], key
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """What `tensorboard --logdir log_dir` plots for ``tag``: step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
 def metrics(out: Path, event: str | None = None) -> list[dict]:
     """The run's per-step records, or its ``event`` records (e.g. "checkpoint")."""
     path = out / "metrics.jsonl"

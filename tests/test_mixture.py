@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Run, last_step, metrics, train
+from helpers import assert_same_records, kill_and_resume, metrics, tensorboard_scalars, train
 
 from utils.data import (
     DataError,
@@ -140,6 +139,8 @@ def test_a_two_source_mixture_from_the_bucket_holds_its_shares_every_step(
             step_tokens = by_source[name] - previous[name]
             assert abs(step_tokens - weight * 8 * SEQ) <= SEQ, (r["step"], by_source)
         previous = by_source
+    web = tensorboard_scalars(tmp_path / "out" / "logs" / "mix", "tokens_by_source/web")
+    assert web == {r["step"]: r["tokens_by_source"]["web"] for r in records}
     state = json.loads(next((tmp_path / "out" / "checkpoints").glob("*/trainer_state.json"))
                        .read_text())["state"]
     assert set(state["position"]["sources"]) == {"web", "code"}
@@ -150,18 +151,9 @@ def test_a_killed_mixture_run_resumes_with_identical_losses(mix_data, tmp_path):
     whole = train(tmp_path, "whole", _mix_args(mix_data, tmp_path / "whole", "", *steps))
     assert whole.proc.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
-    first = Run(tmp_path, "first", _mix_args(mix_data, out, "", *steps))
-    first.wait_for(lambda: last_step(out) >= 7, "step 7")
-    first.signal(signal.SIGKILL)
-    first.wait()
-    second = train(tmp_path, "second", _mix_args(mix_data, out, "", *steps,
-                                                 "--resume", "latest"))
-    assert second.proc.returncode == 0, second.stderr[-2000:]
+    second = kill_and_resume(tmp_path, out, _mix_args(mix_data, out, "", *steps), kill_at=7)
     assert re.search(r"resumed from \S+step6", second.stdout), second.stdout[-2000:]
-    expected, got = metrics(tmp_path / "whole"), metrics(out)
-    assert [r["step"] for r in got] == list(range(1, 11))
-    for key in ("loss", "tokens_by_source", "tokens_seen"):
-        assert [r[key] for r in got] == [r[key] for r in expected], key
+    assert_same_records(out, tmp_path / "whole", ("loss", "tokens_by_source", "tokens_seen"), 10)
 
 
 def test_resuming_a_mixture_without_it_says_what_to_do(mix_data, tmp_path):

@@ -12,21 +12,18 @@ drops userProject from that URL: those requests are counted as part of their ses
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import itertools
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gcs_emulator import GcsEmulator
+from gcs_emulator import FaultProxy, GcsEmulator
 
 from configs.cli import parse_args
 from utils.checkpoint import choose_resume, remote_complete
@@ -55,23 +52,25 @@ NO_PERMISSION = (403, "tester@example.iam.gserviceaccount.com does not have "
 
 
 class BillingProxy:
-    """Forwards to the emulator, recording "METHOD path?query"; can play a requester-pays bucket.
+    """A FaultProxy in front of the emulator that can play a requester-pays bucket.
 
     With ``requester_pays`` set, a request without userProject gets GCS's 400; ``refuse`` maps
     a userProject value to the error GCS gives for it (invalid, or not allowed to bill).
     """
 
     def __init__(self, target: str) -> None:
-        self.target = urllib.parse.urlsplit(target)
-        self.requests: list[str] = []
         self.requester_pays = False
         self.refuse: dict[str, tuple[int, str, str]] = {}
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._proxy = FaultProxy(target, [], answer=self.answer)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._proxy.url
+
+    @property
+    def requests(self) -> list[str]:
+        """"METHOD path?query" of every request, in order."""
+        return self._proxy.requests
 
     def billed(self) -> list[tuple[str, str | None]]:
         """(request, its userProject) for every request that opens or is a whole operation."""
@@ -80,7 +79,6 @@ class BillingProxy:
 
     def answer(self, request: str) -> tuple[int, str, str] | None:
         """The error this request gets instead of being forwarded, if any."""
-        self.requests.append(request)
         query = _query(request)
         if "upload_id" in query:
             return None  # a chunk of a session opened (and billed) by an earlier request
@@ -88,58 +86,12 @@ class BillingProxy:
             return MISSING if self.requester_pays else None
         return self.refuse.get(query["userProject"])
 
-    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                error = proxy.answer(f"{self.command} {self.path}")
-                if error is not None:
-                    code, message, reason = error
-                    payload = {"error": {"code": code, "message": message, "errors": [
-                        {"message": message, "domain": "global", "reason": reason}]}}
-                    self._reply(code, [("Content-Type", "application/json; charset=UTF-8")],
-                                json.dumps(payload).encode())
-                    return
-                self._reply(*proxy._forward(self.command, self.path, self.headers, body))
-
-            def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-                self.send_response(status)
-                for key, value in headers:
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
-
-        return Handler
-
-    def _forward(self, method: str, path: str, headers, body: bytes):
-        conn = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=30)
-        conn.request(method, path, body=body or None,
-                     headers={k: v for k, v in headers.items() if k.lower() != "host"})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        origin = f"http://{self.target.netloc}"
-        skip = {"transfer-encoding", "connection", "content-length"}
-        # A resumable upload's session URL must come back through the proxy too.
-        out = [(k, v.replace(origin, self.url) if k.lower() == "location" else v)
-               for k, v in resp.getheaders() if k.lower() not in skip]
-        return resp.status, out, data
-
     def __enter__(self) -> BillingProxy:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._proxy.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._proxy.stop()
 
 
 def _query(request: str) -> dict[str, str]:

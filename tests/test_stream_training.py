@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs_emulator import GcsEmulator
-from helpers import Run, last_step, metrics, train
+from helpers import Run, assert_same_records, kill_and_resume, last_step, metrics, train
 
 from utils.storage import open_store, sync_up
 
@@ -76,19 +75,10 @@ def test_a_killed_streaming_mixture_resumes_with_identical_losses_on_a_new_machi
     assert "vocab 2048" in whole.stdout  # the prefix's dataset.json was fetched, not a default
 
     out = tmp_path / "cut"
-    first = Run(tmp_path, "first", _args(tmp_path / "d1", out, streamed_bucket, *mix))
-    first.wait_for(lambda: last_step(out) >= 12, "step 12")
-    first.signal(signal.SIGKILL)
-    first.wait()
-    shutil.rmtree(tmp_path / "d1")  # a new machine: nothing local but the output folder
-    second = train(tmp_path, "second", _args(tmp_path / "d1", out, streamed_bucket, *mix,
-                                             "--resume", "latest"))
-    assert second.proc.returncode == 0, second.stderr[-3000:]
+    second = kill_and_resume(tmp_path, out, _args(tmp_path / "d1", out, streamed_bucket, *mix),
+                             kill_at=12, new_machine=lambda: shutil.rmtree(tmp_path / "d1"))
     assert re.search(r"resumed from \S+-step(8|16)-", second.stdout), second.stdout[-2000:]
-    expected, got = metrics(tmp_path / "whole"), metrics(out)
-    assert [r["step"] for r in got] == list(range(1, 25))
-    for key in ("loss", "tokens_by_source", "grad_norm"):
-        assert [r[key] for r in got] == [r[key] for r in expected], key
+    assert_same_records(out, tmp_path / "whole", ("loss", "tokens_by_source", "grad_norm"), 24)
 
 
 def _folder_bytes(root: Path) -> int:

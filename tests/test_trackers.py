@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_train
-from helpers import TINY, Run, metrics
+from helpers import TINY, Run, metrics, tensorboard_scalars
 
 from configs.cli import report_to
 from utils.checkpoint import find_complete
@@ -75,15 +75,6 @@ def wandb_run(folder: Path) -> tuple[str, str, str, dict, dict[int, dict]]:
 
 def offline_runs(wandb_dir: Path) -> list[Path]:
     return sorted((wandb_dir / "wandb").glob("offline-run-*"))
-
-
-def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    """What `tensorboard --logdir log_dir` plots for ``tag``: step -> value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def wandb_env(tmp: Path) -> dict[str, str]:

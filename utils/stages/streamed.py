@@ -66,7 +66,9 @@ def held_out_split(shard_windows: np.ndarray, n_eval: int, seed: int
     pool = np.arange(cum[len(pinned)]) if pinned else np.zeros(0, dtype=np.int64)
     held = np.sort(np.random.default_rng([seed, _EVAL_STREAM]).choice(pool, n_eval,
                                                                        replace=False))
-    return np.setdiff1d(np.arange(cum[-1]), held), held, pinned
+    train = np.ones(int(cum[-1]), dtype=bool)
+    train[held] = False  # a mask, not setdiff1d: that sorts millions of ids (2 s for 2M)
+    return np.flatnonzero(train), held, pinned
 
 
 def fetch_shared_meta(store: Store, data_dir: Path) -> None:
