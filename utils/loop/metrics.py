@@ -101,7 +101,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
                 last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
                 stopped_early: bool, where: str, ckpt_root: Path, store,
                 local_only: list[tuple[str, str]] = (), saving: str = "",
-                streamed: str = "") -> tuple[dict, str]:
+                streamed: str = "", logs_mirror: str = "") -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -125,5 +125,6 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("uploaded to", f"{store.url}/checkpoints/{config.run_name}" if store else "(no bucket)"),
         *[("not uploaded", f"{name}: {reason} (stays local)") for name, reason in local_only],
         ("metrics", f"{output_dir / 'metrics.jsonl'}; tensorboard --logdir {output_dir / 'logs'}"),
+        *([("logs copied to", logs_mirror)] if logs_mirror else []),
     ])
     return summary, table

@@ -329,7 +329,8 @@ class Trainer:
             saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
             local_only=self.publisher.local_only, saving=self.saver.totals(),
-            streamed=self.task.feed.summary() if self.task.feed is not None else "")
+            streamed=self.task.feed.summary() if self.task.feed is not None else "",
+            logs_mirror=self.log_mirror.target.url if self.log_mirror is not None else "")
         self.say(table)
         return summary
 
