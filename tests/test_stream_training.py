@@ -177,3 +177,18 @@ def test_validate_lists_every_streamed_source_and_reads_a_shard_of_each(streamed
     bad = run_train(*common, "--data-mix", "web=3,math=1", tmp_path=tmp_path)
     assert bad.returncode == 1
     assert re.search(r"\[FAIL\] data present.*math", bad.stdout), bad.stdout
+
+
+def test_the_mlx_backend_streams_a_mixture_too(sample_data, tmp_path):
+    """Same flags, same shards, a local-directory bucket: the MLX loop reads streamed windows."""
+    _write_shards(sample_data, tmp_path / "bucket" / "training", {"web": 6, "code": 3})
+    out = tmp_path / "out"
+    run = train(tmp_path, "mlx", _args(tmp_path / "d", out, str(tmp_path / "bucket"),
+                                       "--backend", "mlx", "--data-mix", "web=2,code=1",
+                                       "--max-steps", "6", "--cache-limit-gb", "0.0001"))
+    assert run.proc.returncode == 0, run.stderr[-3000:]
+    assert "mlx on" in run.stdout and "vocab 2048" in run.stdout
+    assert re.match(r"\d+ shards", _summary_row(run, "streamed"))
+    last = metrics(out)[-1]
+    assert last["step"] == 6 and last["tokens_by_source"] == {"web": 6 * 16 * 64 * 2 // 3,
+                                                              "code": 6 * 16 * 64 // 3}
