@@ -151,15 +151,16 @@ PRESETS: dict[str, TrainingConfig] = {
         dpo_beta=0.1, logging_steps=10, eval_steps=30, eval_windows=8, save_steps=30,
         merge=True,
     ),
-    # LoRA GRPO on the newest sft checkpoint: arithmetic prompts, rewarded by the numbers the
-    # model writes (partial credit for near misses); eval_reward = greedy completions' reward
-    # on held-out prompts.
+    # LoRA GRPO on the newest sft checkpoint: "which is smaller" of two digits, rewarded by
+    # the number the model writes (partial credit for near misses, plus exact hits);
+    # eval_reward = greedy completions' reward on held-out prompts. The SFT base answers " 11"
+    # to them all (reward ~0.02); 60 steps move its greedy answers to small digits.
     "grpo": TrainingConfig(
         stage="grpo", run_name="grpo", init_from="latest", init_run="sft",
-        data_dir="data/examples/grpo", bucket="bucket", seq_len=64, max_steps=40,
-        per_device_train_batch_size=8, learning_rate=2e-3, warmup_steps=4, lora_dropout=0.0,
-        reward="numeric_partial,numeric", grpo_group_size=8, grpo_max_new_tokens=6,
-        logging_steps=5, eval_steps=20, eval_windows=16, save_steps=20, merge=True,
+        data_dir="data/examples/grpo", bucket="bucket", seq_len=64, max_steps=60,
+        per_device_train_batch_size=8, learning_rate=3e-3, warmup_steps=4, lora_dropout=0.0,
+        reward="numeric_partial,numeric", grpo_group_size=8, grpo_max_new_tokens=4,
+        logging_steps=5, eval_steps=20, eval_windows=32, save_steps=20, merge=True,
     ),
     # The seed's TestConfig: the 1.2B model on a few files.
     "test": TrainingConfig(

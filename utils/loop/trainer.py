@@ -135,6 +135,7 @@ class Trainer:
         self.last_save = time.monotonic()
         self.interval_steps = 0
         self.pending_votes: Callable[[], list[float]] | None = None
+        self.exit_by = math.inf  # after a signal: when the preemption budget runs out
         self.last_loss = self.eval_loss = float("nan")
         self.saved: list[Path] = []
 
@@ -313,10 +314,11 @@ class Trainer:
             self.saver.wait()  # the last checkpoint is written, then uploaded
             uploads_done = finish_uploads(self.publisher, config,
                                           lambda: self.preemption.requested)
-        if self.main:  # a signalled run keeps its budget for the checkpoint: bounded here
-            self.trackers.close(timeout=2.0 if stopped_early else None)
+        if self.main:  # after a signal the logs get what the checkpoint left of the budget
+            left = max(0.0, self.exit_by - time.monotonic()) if stopped_early else None
+            self.trackers.close(timeout=left)
             if self.log_mirror is not None:
-                self.log_mirror.close(2.0 if stopped_early else config.upload_timeout_s)
+                self.log_mirror.close(left if stopped_early else config.upload_timeout_s)
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
                 merged = self.engine.merge(find_complete(self.ckpt_root)[-1],
@@ -342,7 +344,7 @@ class Trainer:
         on Compute Engine, what the VM will do)."""
         # A process the signal did not reach (another rank was signalled) counts from now.
         signalled_at = self.preemption.at if self.preemption.requested else time.monotonic()
-        deadline = signalled_at + self.config.preemption_budget_s - EXIT_S
+        deadline = self.exit_by = signalled_at + self.config.preemption_budget_s - EXIT_S
         facts = preemption_facts() if self.main else None  # while the write runs
         self.saver.wait(max(0.0, deadline - time.monotonic()))
         uploads_done = self.publisher.close(timeout=0.0 if self.saver.writing
