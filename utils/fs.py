@@ -7,12 +7,14 @@ renamed into place; single files through a hidden temporary and ``os.replace``. 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 TMP_PREFIX = ".tmp-"
 
@@ -77,3 +79,16 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, final)
+
+
+def read_cache(path: Path, version: int, key: str) -> dict[str, Any]:
+    """``{key: {...}}`` of a JSON cache written as ``{"version": version, key: {...}}``; a
+    missing, corrupt or foreign (other version) file only costs recomputing: ``{}``."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or raw.get("version") != version:
+        return {}
+    entries = raw.get(key)
+    return entries if isinstance(entries, dict) else {}

@@ -22,19 +22,24 @@ from utils.errors import DataError
 _EVAL_STREAM = 2**32 - 1
 
 
-def train_eval_split(n_windows: int, eval_windows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_eval_split(n_windows: int, eval_windows: int, seed: int,
+                     pool: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) window indices, disjoint, each sorted; the eval set depends only on the seed.
 
     Held-out windows are scattered over the whole dataset (not its tail) so eval loss measures
-    the same distribution as training.
+    the same distribution as training; with ``pool`` they come from the first ``pool`` windows
+    only (streaming keeps those shards local, so evaluation never waits for a download).
     """
     if not 0 <= eval_windows < n_windows:
         raise DataError(
             f"eval_windows={eval_windows} must be >= 0 and below the {n_windows} windows "
             "available; lower eval_windows or seq_len, or add data"
         )
-    perm = np.random.default_rng([seed, _EVAL_STREAM]).permutation(n_windows)
-    return np.sort(perm[eval_windows:]), np.sort(perm[:eval_windows])
+    held = np.sort(np.random.default_rng([seed, _EVAL_STREAM]).permutation(
+        n_windows if pool is None else pool)[:eval_windows])
+    train = np.ones(n_windows, dtype=bool)
+    train[held] = False
+    return np.flatnonzero(train), held
 
 
 @dataclass(frozen=True)

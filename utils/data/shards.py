@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DataError
-from utils.fs import atomic_write
+from utils.fs import atomic_write, read_cache
 
 try:  # imported now: with no descriptor left, even an import fails
     import resource  # Unix only: the open-file limit that errors name
@@ -352,18 +352,6 @@ def _id_range(s: _Shard) -> tuple[int, int]:
     return lo, hi
 
 
-def _load_stats(path: Path) -> dict[str, Any]:
-    """The cached per-shard entries; a missing, corrupt or foreign file only costs a recount."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    if not isinstance(raw, dict) or raw.get("version") != _STATS_VERSION:
-        return {}
-    shards = raw.get("shards")
-    return shards if isinstance(shards, dict) else {}
-
-
 def _save_stats(path: Path, entries: dict[str, Any]) -> None:
     """Write the cache atomically; a read-only data folder just goes without one."""
     try:
@@ -553,7 +541,7 @@ class TokenWindows:
         path, size, mtime_ns and dtype costs a stat, and a changed shard is read again.
         """
         cache_path = self._stats_root / STATS_NAME
-        entries = _load_stats(cache_path)
+        entries = read_cache(cache_path, _STATS_VERSION, "shards")
         root = os.path.abspath(self._stats_root)
         ranges: list[tuple[int, int]] = []
         changed = False

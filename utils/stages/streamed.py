@@ -17,18 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from configs.training_config import TrainingConfig
-from utils.data import META_NAME, DataPosition, MixturePosition, TokenWindows
+from utils.data import META_NAME, DataPosition, MixturePosition, TokenWindows, train_eval_split
 from utils.data.blocks import block_order, shard_schedule
 from utils.errors import DataError
 from utils.fs import atomic_write
 from utils.processes import Processes, local_main_first
-from utils.storage import ObjectNotFound, Store, open_store
+from utils.storage import ObjectNotFound, Store, open_bucket
 from utils.streaming import RemoteShard, ShardCache, minimum_bytes, remote_shards, stream_windows
 
 # A bucket that does not answer is retried by the cache until it does; each attempt gives up
 # after this long, so a bucket that is back is noticed within seconds.
 ATTEMPT_DEADLINE_S = 10.0
-_EVAL_STREAM = 2**32 - 1  # as utils.data.sampler's held-out split
 
 
 @dataclass
@@ -58,17 +57,10 @@ def held_out_split(shard_windows: np.ndarray, n_eval: int, seed: int
                    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(train ids, held-out ids, their shards): the held-out windows are drawn from the
     first shards only (as few as hold them), so evaluation never waits for a download."""
-    cum = np.concatenate([[0], np.cumsum(shard_windows)])
-    if not 0 <= n_eval < cum[-1]:
-        raise DataError(f"eval_windows={n_eval} must be >= 0 and below the {cum[-1]} windows "
-                        f"available; lower eval_windows or seq_len, or add data")
+    cum = np.concatenate([[0], np.cumsum(shard_windows)]).astype(np.int64)
     pinned = list(range(int(np.searchsorted(cum, n_eval, side="left")))) if n_eval else []
-    pool = np.arange(cum[len(pinned)]) if pinned else np.zeros(0, dtype=np.int64)
-    held = np.sort(np.random.default_rng([seed, _EVAL_STREAM]).choice(pool, n_eval,
-                                                                       replace=False))
-    train = np.ones(int(cum[-1]), dtype=bool)
-    train[held] = False  # a mask, not setdiff1d: that sorts millions of ids (2 s for 2M)
-    return np.flatnonzero(train), held, pinned
+    train, held = train_eval_split(int(cum[-1]), n_eval, seed, pool=int(cum[len(pinned)]))
+    return train, held, pinned
 
 
 def fetch_shared_meta(store: Store, data_dir: Path) -> None:
@@ -86,9 +78,7 @@ def open_source(config: TrainingConfig, folder: str, n_eval: int,
                 processes: Processes) -> StreamedSource:
     """A source's shard table (the machine's main process lists and reads headers first,
     the others then find them cached) and its windows; nothing is downloaded yet."""
-    data = open_store(config.bucket, credentials=config.credentials or None,
-                      retry_deadline_s=ATTEMPT_DEADLINE_S,
-                      billing_project=config.billing_project or None).child(config.data_prefix)
+    data = open_bucket(config, retry_deadline_s=ATTEMPT_DEADLINE_S).child(config.data_prefix)
     store = data.child(folder) if folder else data
     root = Path(config.data_dir) / folder
     with local_main_first(processes):

@@ -54,7 +54,7 @@ def open_store(
     return LocalStore(Path(url))
 
 
-def open_bucket(settings: BucketSettings) -> Store:
+def open_bucket(settings: BucketSettings, retry_deadline_s: float = 120.0) -> Store:
     """The config's bucket, opened with its credentials and billing project.
 
     One place for what every call site would otherwise repeat, so none forgets the billing
@@ -63,5 +63,6 @@ def open_bucket(settings: BucketSettings) -> Store:
     return open_store(
         settings.bucket,
         credentials=settings.credentials or None,
+        retry_deadline_s=retry_deadline_s,
         billing_project=settings.billing_project or None,
     )

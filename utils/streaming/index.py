@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from utils.data import SHARD_SUFFIXES
 from utils.data.shards import bin_shard, npy_shard
 from utils.errors import DataError
-from utils.fs import atomic_write
+from utils.fs import atomic_write, read_cache
 from utils.storage import ObjectInfo, Store, file_crc32c
 from utils.storage.base import _safe_local_path
 
@@ -98,18 +98,6 @@ def _key(info: ObjectInfo) -> list[Any]:
     return [info.size, info.crc32c or info.md5]
 
 
-def _load_index(path: Path) -> dict[str, Any]:
-    """Cached headers by name; a missing or foreign file only costs the ranged reads."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    if not isinstance(raw, dict) or raw.get("version") != _INDEX_VERSION:
-        return {}
-    shards = raw.get("shards")
-    return shards if isinstance(shards, dict) else {}
-
-
 def _npy_header_size(head: bytes) -> int:
     """Bytes of magic, version, length field and header (format 1.0: 2-byte length, else 4)."""
     if len(head) < 12:
@@ -140,7 +128,7 @@ def remote_shards(
     root.mkdir(parents=True, exist_ok=True)
     _fetch_small_files(store, root, objects)
     index_path = root / INDEX_NAME
-    cached = _load_index(index_path)
+    cached = read_cache(index_path, _INDEX_VERSION, "shards")
     entries: dict[str, Any] = {}
     dtypes: dict[Path, Any] = {}
     out: list[RemoteShard] = []
