@@ -113,6 +113,8 @@ class CheckpointPublisher:
         if self.store is None:
             return None
         local = checkpoint.find_complete(root)
+        if not local:  # a fresh start: nothing to catch up, no listing to wait on
+            return None
         try:
             remote = checkpoint.remote_complete(self.store, self.remote_prefix)
         except StorageError as err:
