@@ -21,6 +21,7 @@ from utils.data import (
     Source,
     parse_mix,
     position_from_dict,
+    source_weights,
     split_count,
 )
 from utils.data.mixture import allocate
@@ -89,6 +90,8 @@ def test_mix_specs(tmp_path):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps({"a": 1, "b": 1, "c": 2}))
     assert parse_mix(str(path)) == {"a": 0.25, "b": 0.25, "c": 0.5}
+    assert source_weights("") == {"": 1.0}  # no mixture: the data folder itself
+    assert source_weights("web=1,code=3") == {"web": 0.25, "code": 0.75}
     for bad, match in [("web", "not NAME=WEIGHT"), ("web=x", "not NAME=WEIGHT"),
                        ("web=0", "positive"), ("../x=1", "not a folder name"),
                        ("a=1,a=2", "twice"), (str(tmp_path / "no.json"), "cannot read")]:

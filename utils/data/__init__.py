@@ -7,6 +7,7 @@ from utils.data.mixture import (
     MixturePosition,
     Source,
     parse_mix,
+    source_weights,
     split_count,
 )
 from utils.data.sampler import (
@@ -37,5 +38,5 @@ __all__ = [
     "STATS_NAME", "DataError", "DataPosition", "MixtureBatchSampler", "MixturePosition",
     "Source", "TokenWindows", "WindowBatchSampler",
     "find_shards", "group_by_length", "parse_mix", "position_after", "position_from_dict",
-    "read_dataset_meta", "split_count", "train_eval_split",
+    "read_dataset_meta", "source_weights", "split_count", "train_eval_split",
 ]

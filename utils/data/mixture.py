@@ -50,6 +50,12 @@ def parse_mix(spec: str) -> dict[str, float]:
     return {name: float(weight) / total for name, weight in raw.items()}
 
 
+def source_weights(spec: str) -> dict[str, float]:
+    """The sources a run reads (sub-folder names) and their weights: ``--data-mix`` parsed,
+    or, without one, the data folder itself (``""``) alone."""
+    return parse_mix(spec) if spec else {"": 1.0}
+
+
 def _split_mix(spec: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):

@@ -16,7 +16,7 @@ from pathlib import Path
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, write_manifest
-from utils.data import parse_mix, read_dataset_meta
+from utils.data import read_dataset_meta, source_weights
 from utils.loop.engine import Engine
 from utils.stages.task import build_task
 from utils.storage import open_bucket
@@ -77,7 +77,7 @@ def _check_data(ctx: dict) -> str:
         if "store" not in ctx:
             raise Skip("the bucket is not reachable")
         counts = []
-        for folder in (list(parse_mix(config.data_mix)) if config.data_mix else [""]):
+        for folder in source_weights(config.data_mix):
             prefix = f"{config.data_prefix}/{folder}".rstrip("/")
             counts.append(len(ctx["store"].child(prefix).list()))
             if not counts[-1]:

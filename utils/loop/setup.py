@@ -15,7 +15,7 @@ from typing import Protocol
 from configs.training_config import TrainingConfig
 from utils import checkpoint
 from utils.checkpoint import TrainState
-from utils.data import MixturePosition, parse_mix
+from utils.data import MixturePosition, source_weights
 from utils.errors import CheckpointError, StorageError, TrainingError, first_line
 from utils.fs import remove_stale_tmp
 from utils.processes import Processes
@@ -41,8 +41,7 @@ def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
         from utils.storage import sync_down
 
         store = open_bucket(config).child(config.data_prefix)  # credentials, billing project
-        folders = list(parse_mix(config.data_mix)) if config.data_mix else [""]
-        for folder in folders:
+        for folder in source_weights(config.data_mix):
             result = sync_down(store.child(folder) if folder else store,
                                Path(config.data_dir) / folder,
                                max_files=config.max_files or None)
@@ -50,7 +49,7 @@ def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
             if result.failed:
                 raise TrainingError(f"{len(result.failed)} data files failed to sync from "
                                     f"{store.url}/{folder}: {result.failed[0]}")
-        if folders != [""]:
+        if config.data_mix:
             fetch_shared_meta(store, Path(config.data_dir))
     processes.wait_for_everyone()
 

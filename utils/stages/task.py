@@ -25,8 +25,8 @@ from utils.data import (
     TokenWindows,
     WindowBatchSampler,
     find_shards,
-    parse_mix,
     read_dataset_meta,
+    source_weights,
     split_count,
     train_eval_split,
 )
@@ -124,7 +124,7 @@ def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) ->
     so they are not scanned.
     """
     root = Path(config.data_dir)
-    weights = parse_mix(config.data_mix) if config.data_mix else {"": 1.0}
+    weights = source_weights(config.data_mix)
     held_out = split_count(config.eval_windows, list(weights.values()))
     parts, sources, eval_idx, orders, streamed, num_files = [], [], [], [], [], 0
     for (name, weight), n_eval in zip(weights.items(), held_out, strict=True):
