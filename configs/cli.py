@@ -146,8 +146,8 @@ def validate_grpo(config: TrainingConfig) -> None:
         (config.grpo_beta < 0 or not config.grpo_epsilon > 0,
          f"--grpo-beta must be >= 0 and --grpo-epsilon > 0, got {config.grpo_beta} and "
          f"{config.grpo_epsilon}"),
-        (config.grpo_epochs != 1, f"--grpo-epochs {config.grpo_epochs}: only 1 (one "
-                                  f"optimisation pass per generation batch) is supported yet"),
+        (config.grpo_epochs < 1, f"--grpo-epochs must be >= 1 (optimisation passes over "
+                                 f"each batch of generations), got {config.grpo_epochs}"),
     ]
     for bad, message in problems:
         if bad:

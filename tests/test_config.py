@@ -81,6 +81,7 @@ def test_every_field_is_a_flag():
     (["--model", "gpt5"], "unknown model 'gpt5'; choose one of: tiny"),
     (["--seq-len", "4096"], "--seq-len 4096 exceeds model tiny's 512 positions"),
     (["--config", "production"], "syncs data from a bucket but none is set"),
+    (["--config", "grpo", "--grpo-epochs", "0"], "--grpo-epochs must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expected, capsys, monkeypatch):
     monkeypatch.delenv("HARNESS_BUCKET", raising=False)

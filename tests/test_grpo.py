@@ -87,6 +87,43 @@ def test_grpo_logs_rewards_and_resumes_exactly(backend, tiny_base, sums, tmp_pat
     assert again == {r["step"]: r["reward_mean"] for r in records}, json.dumps(records)
 
 
+def _updates(ckpt: Path) -> int:
+    """Optimizer updates recorded in a checkpoint's optimizer state (Adam's step count)."""
+    if (ckpt / "optimizer.pt").exists():
+        import torch
+
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+        return {int(s["step"]) for s in state.values()}.pop()
+    from safetensors.numpy import load_file
+
+    return int(load_file(str(ckpt / "optimizer.safetensors"))["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_grpo_epochs_make_several_updates_per_rollout_and_resume_exactly(backend, tiny_base,
+                                                                         sums, tmp_path):
+    """--grpo-epochs 2: two optimizer updates per rollout (the old and reference log-probs
+    taken once, before the first), and a resumed run repeats the uninterrupted one."""
+    args = ("--backend", backend, "--grpo-epochs", "2", "--grpo-beta", "0.04", "--max-steps",
+            "4", "--save-steps", "2", "--logging-steps", "1", "--run-name", "e")
+    whole = _grpo(tiny_base, sums, tmp_path / "whole", tmp_path, *args)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    records = [r for r in metrics(tmp_path / "whole") if r["step"]]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all("kl" in r and "clip_ratio" in r for r in records), records[0]
+    [*_, last] = find_complete(tmp_path / "whole" / "checkpoints")
+    assert _updates(last) == 8  # 4 steps x 2 passes
+    first = _grpo(tiny_base, sums, tmp_path / "cut", tmp_path, *args[:6], "--max-steps", "2",
+                  *args[8:])
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = _grpo(tiny_base, sums, tmp_path / "cut", tmp_path, *args, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = [r for r in metrics(tmp_path / "cut") if r["step"]]
+    for key in ("reward_mean", "loss", "kl"):
+        assert [r[key] for r in again] == [r[key] for r in records], key
+
+
 def test_a_stage_on_a_lora_checkpoint_records_that_checkpoint_as_its_base(tiny_base, tmp_path):
     """DPO/GRPO after SFT: the adapters' base is the SFT checkpoint (which merges its own
     adapters in), not the model that checkpoint was trained on."""

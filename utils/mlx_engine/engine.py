@@ -36,7 +36,7 @@ from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
 from utils.mlx_engine import checkpoint_io, lora
 from utils.mlx_engine.dist import MlxProcesses
-from utils.mlx_engine.losses import stage_loss, to_mx
+from utils.mlx_engine.losses import rollout_logps, stage_loss, to_mx
 from utils.mlx_engine.model import build_model, build_optimizer, load_full_weights, save_pretrained
 from utils.stages.task import Batch, Task
 
@@ -170,28 +170,44 @@ class MlxEngine(MlxProcesses):
 
     def train_step(self, micro_batches: list[Batch], step: int,
                    target_count: float | None = None) -> None:
-        config, accum = self.config, len(micro_batches)
+        """Accumulate, average over processes, clip, update; GRPO with ``--grpo-epochs E``:
+        E such updates over one rollout (the learning rate is the step's for all of them)."""
+        config, accum, passes = self.config, len(micro_batches), self.task.passes
         loss_and_grads, update = self._fns()
-        grads = None
-        for micro, rows in enumerate(micro_batches):
-            # Dropout masks (and GRPO's samples) are a function of (seed, step, micro-batch):
-            # resume repeats them.
-            mx.random.seed(config.seed + self.process_index + 100_003 * (
-                step * accum + micro + 1))
-            if self.task.rollout is not None:  # GRPO: the prompts become scored completions
-                rows = self._rollout(rows, accum)
-            batch = to_mx(rows)
-            if target_count is not None:
-                batch["target_count"] = mx.array(target_count, mx.float32)
-            (loss, extras), micro_grads = loss_and_grads(self.params, batch)
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
-            for key, value in {"loss": loss, **extras}.items():
-                self._sums[key] = self._sums.get(key, 0.0) + value.item() / accum
         self.optimizer.learning_rate = config.learning_rate * lr_factor(
             step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
-        mx.eval(self.params, self._grad_norm, self.optimizer.state)
+        prepared: list[dict[str, mx.array]] = []
+        for rerun in range(passes):
+            grads = None
+            for micro, rows in enumerate(micro_batches):
+                # Dropout masks (and GRPO's samples) are a function of (seed, step,
+                # micro-batch, pass): resume repeats them.
+                mx.random.seed(config.seed + self.process_index + 100_003 * (
+                    step * accum + micro + 1) + 7_919 * rerun)
+                if rerun == 0:  # a micro-batch is sampled just before its first use
+                    prepared.append(self._prepare(rows, accum, target_count))
+                (loss, extras), micro_grads = loss_and_grads(self.params, prepared[micro])
+                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+                mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
+                for key, value in {"loss": loss, **extras}.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + value.item() / (
+                        accum * passes)
+            self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
+            mx.eval(self.params, self._grad_norm, self.optimizer.state)
+
+    def _prepare(self, rows: Batch, accum: int, target_count: float | None) -> dict[str, mx.array]:
+        """A micro-batch as MLX arrays; GRPO: sampled and scored first, and the log-probs
+        that stay fixed over several passes taken before the first update."""
+        if self.task.rollout is not None:
+            rows = self._rollout(rows, accum)
+        batch = to_mx(rows)
+        if target_count is not None:
+            batch["target_count"] = mx.array(target_count, mx.float32)
+        if self.task.passes > 1:
+            with self.evaluating():
+                batch.update(rollout_logps(self.model, batch, self.config.grpo_beta,
+                                           self.config.grpo_temperature))
+        return batch
 
     def read_interval(self) -> tuple[dict[str, float], float]:
         keys = list(self._sums)

@@ -163,6 +163,23 @@ def grpo_from_logps(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | 
     return loss, metrics
 
 
+def reference_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) -> mx.array:
+    """The reference's token log-probs: the model with its adapters off, no gradient."""
+    with adapters_disabled(model):
+        return mx.stop_gradient(token_logps(model, batch, temperature))
+
+
+def rollout_logps(model: nn.Module, batch: Batch, beta: float,
+                  temperature: float = 1.0) -> dict[str, mx.array]:
+    """What stays fixed while one rollout trains several passes: ``old_logps`` and, when
+    beta != 0, ``ref_logps`` (see the torch twin). Call it with the model as it sampled."""
+    fixed = {"old_logps": mx.stop_gradient(token_logps(model, batch, temperature))}
+    if beta != 0.0:
+        fixed["ref_logps"] = reference_logps(model, batch, temperature)
+    mx.eval(fixed)
+    return fixed
+
+
 def grpo_loss(model: nn.Module, batch: Batch, beta: float, epsilon: float,
               temperature: float = 1.0,
               bias_correction_kl: bool = True) -> tuple[mx.array, dict[str, mx.array]]:
@@ -171,8 +188,7 @@ def grpo_loss(model: nn.Module, batch: Batch, beta: float, epsilon: float,
     policy's own log-probs without gradient (ratio 1), as torch's."""
     ref = batch.get("ref_logps")
     if ref is None and beta != 0.0:
-        with adapters_disabled(model):
-            ref = mx.stop_gradient(token_logps(model, batch, temperature))
+        ref = reference_logps(model, batch, temperature)
     logps = token_logps(model, batch, temperature)
     old = batch.get("old_logps")
     return grpo_from_logps(logps, mx.stop_gradient(logps) if old is None else old, ref,

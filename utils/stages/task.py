@@ -75,6 +75,7 @@ class Task:
     # and completions into a scored training batch (+ statistics). None for other stages.
     sampling: Sampling | None = None
     rollout: Callable[[Batch, np.ndarray], tuple[Batch, dict[str, float]]] | None = None
+    passes: int = 1  # optimizer updates per step's batches (GRPO: --grpo-epochs per rollout)
     # --data-mix: the weighted sources the training windows are drawn from (None: one source).
     sources: list[Source] | None = None
     # --stream: each source's epoch order (block-shuffled, in global ids) and the caches.
@@ -215,3 +216,4 @@ def _make_grpo(task: Task, config: TrainingConfig, tokenizer, pad_id: int) -> No
                            rewards=load_rewards(config.reward, config.reward_module),
                            decode=partial(tokenizer.decode, skip_special_tokens=True),
                            sampling=task.sampling)
+    task.passes = config.grpo_epochs

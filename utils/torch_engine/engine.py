@@ -34,7 +34,7 @@ from utils.torch_engine import checkpoint_io, lora
 from utils.torch_engine.compiling import compile_model
 from utils.torch_engine.fp8 import fp8_unavailable, to_float8
 from utils.torch_engine.loader import make_torch_loader
-from utils.torch_engine.losses import stage_loss
+from utils.torch_engine.losses import rollout_logps, stage_loss
 from utils.torch_engine.model import (
     build_model,
     compile_unavailable,
@@ -191,25 +191,28 @@ class TorchEngine:
                    target_count: float | None = None) -> None:
         """Accumulate over the micro-batches (DDP syncs on the last), clip, step.
 
-        ``step`` needs no use here: the scheduler and the RNG states carry it.
+        GRPO with ``--grpo-epochs E`` makes E such passes (E optimizer updates) over one
+        rollout; the schedule still counts loop steps. ``step`` needs no use here: the
+        scheduler and the RNG states carry it.
         """
         acc, accum = self.accelerator, len(micro_batches)
-        for batch in micro_batches:
-            if self.task.rollout is not None:  # GRPO: the prompts become scored completions
-                batch = self._rollout(batch, accum)
-            batch = self._on_device(batch)
-            if target_count is not None:
-                batch["target_count"] = torch.tensor(target_count, device=self.device)
-            with acc.accumulate(self.model):
-                loss, extras = self.loss(self.model, batch)
-                acc.backward(loss)
-            self._sums["loss"] += loss.detach() / accum
-            for key, value in extras.items():
-                self._sums[key] = self._sums.get(key, 0.0) + value.detach() / accum
-        self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        passes = self.task.passes
+        prepared: list[dict[str, torch.Tensor]] = []
+        for rerun in range(passes):
+            for i, raw in enumerate(micro_batches):
+                if rerun == 0:  # a micro-batch is sampled just before its first use
+                    prepared.append(self._prepare(raw, accum, target_count))
+                with acc.accumulate(self.model):
+                    loss, extras = self.loss(self.model, prepared[i])
+                    acc.backward(loss)
+                for key, value in {"loss": loss, **extras}.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + value.detach() / (
+                        accum * passes)
+            self._grad_norm = acc.clip_grad_norm_(self.model.parameters(),
+                                                  self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self._compile_started is not None:
             self._report_compile_time()
 
@@ -249,6 +252,21 @@ class TorchEngine:
         return loss.item()
 
     # ------------------------------------------------------------------ GRPO
+
+    def _prepare(self, batch: Batch, accum: int,
+                 target_count: float | None) -> dict[str, torch.Tensor]:
+        """A micro-batch on the device; GRPO: its prompts sampled and scored first, and the
+        log-probs that stay fixed over several passes taken before the first update."""
+        if self.task.rollout is not None:
+            batch = self._rollout(batch, accum)
+        batch = self._on_device(batch)
+        if target_count is not None:
+            batch["target_count"] = torch.tensor(target_count, device=self.device)
+        if self.task.passes > 1:
+            with self.evaluating():
+                batch.update(rollout_logps(self.model, batch, self.config.grpo_beta,
+                                           self.config.grpo_temperature))
+        return batch
 
     def _rollout(self, prompts: Batch, accum: int) -> Batch:
         """Sample a group of completions per prompt with the current policy; the task scores

@@ -178,6 +178,28 @@ def grpo_from_logps(logps: torch.Tensor, old_logps: torch.Tensor,
     return loss, metrics
 
 
+def reference_logps(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """The reference's token log-probs: the same model with its adapters disabled (through
+    the DDP/FSDP wrapper), without gradient."""
+    peft_model = extract_model_from_parallel(model, keep_torch_compile=False)
+    with torch.no_grad(), peft_model.disable_adapter():
+        return token_logps(model, batch, temperature)
+
+
+def rollout_logps(model, batch: Batch, beta: float,
+                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """What stays fixed while one rollout trains several passes (``--grpo-epochs``): the
+    sampling policy's log-probs (``old_logps``, so the ratio and its clipping measure how far
+    the passes moved the policy) and, with a KL penalty, the reference's (``ref_logps``).
+    TRL computes both once per generation batch when ``num_iterations > 1``. Call it with the
+    model as it sampled (eval mode)."""
+    with torch.no_grad():
+        fixed = {"old_logps": token_logps(model, batch, temperature)}
+    if beta != 0.0:
+        fixed["ref_logps"] = reference_logps(model, batch, temperature)
+    return fixed
+
+
 def grpo_loss(model, batch: Batch, beta: float, epsilon: float, temperature: float = 1.0,
               bias_correction_kl: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO on a rollout batch (see ``token_logps`` for its rows).
@@ -189,9 +211,7 @@ def grpo_loss(model, batch: Batch, beta: float, epsilon: float, temperature: flo
     """
     ref = batch.get("ref_logps")
     if ref is None and beta != 0.0:
-        peft_model = extract_model_from_parallel(model, keep_torch_compile=False)
-        with torch.no_grad(), peft_model.disable_adapter():  # through the wrapper (DDP/FSDP)
-            ref = token_logps(model, batch, temperature)
+        ref = reference_logps(model, batch, temperature)
     logps = token_logps(model, batch, temperature)
     old = batch.get("old_logps")
     return grpo_from_logps(logps, logps.detach() if old is None else old, ref,
