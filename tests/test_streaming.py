@@ -129,7 +129,8 @@ class Stream:
     def __init__(self, store: Store, root: Path, *, limit: int | None, seed: int = 0,
                  pinned: tuple[int, ...] = (), logs: list[str] | None = None,
                  epoch: int = 0, shards: list[RemoteShard] | None = None,
-                 offset: int = 0, read_ahead: int = 2 * BATCH) -> None:
+                 offset: int = 0, read_ahead: int = 2 * BATCH,
+                 vocab_size: int | None = None) -> None:
         self.root = root
         self.shards = remote_shards(store, root) if shards is None else shards
         self.windows = stream_windows(self.shards, SEQ, root)
@@ -141,7 +142,8 @@ class Stream:
         self.cache = ShardCache(
             store, root, self.shards, limit_bytes=limit, prefetch=PREFETCH, block_shards=BLOCK,
             schedule=self.schedule, margin_windows=BATCH, read_ahead_windows=read_ahead,
-            pinned=pinned, position=(epoch, offset), log=self.logs.append)
+            pinned=pinned, position=(epoch, offset), log=self.logs.append,
+            vocab_size=vocab_size)
 
     def order(self, epoch: int) -> np.ndarray:
         return block_order(self.counts, self.train, self.seed, epoch, BLOCK)
@@ -427,6 +429,32 @@ def test_shard_corrupted_in_the_bucket_stops_readers_naming_it(
     assert name in str(err.value) and "still bad after 4 downloads" in str(err.value)
     assert "\n" not in str(err.value)
     assert sum("fetching it again" in line for line in logs) == 3
+
+
+def test_a_shard_with_ids_beyond_the_vocabulary_stops_readers_naming_it(
+    dataset: Path, reference: TokenWindows, tmp_path: Path
+) -> None:
+    """What synced data is refused with at start, streamed data is refused with when the
+    shard arrives: uint32 .bin shards hold ids up to 100,000, the .npy ones below 60,000."""
+    (tmp_path / "bucket").mkdir()
+    bucket = open_store(str(tmp_path / "bucket"))
+    sync_up(dataset, bucket, progress=False)
+    shards = remote_shards(bucket, tmp_path / "cache")
+    good = next(k for k, r in enumerate(shards) if r.name.endswith(".npy"))
+    bad = next(k for k, r in enumerate(shards) if r.name.endswith(".bin"))
+    logs: list[str] = []
+    stream = Stream(bucket, tmp_path / "cache", limit=None, logs=logs, shards=shards,
+                    pinned=(good, bad), vocab_size=60_000)
+    try:
+        first = int(stream.cum[good])
+        np.testing.assert_array_equal(stream.windows[first], reference[first])
+        with pytest.raises(DataError) as err:
+            stream.windows[int(stream.cum[bad])]
+    finally:
+        stream.close()
+    message = str(err.value)
+    assert shards[bad].name in message and ">= vocabulary size 60000" in message, message
+    assert "\n" not in message and any(shards[bad].name in line for line in logs)
 
 
 @pytest.fixture

@@ -391,6 +391,14 @@ def _vocab_error(s: _Shard, lo: int, hi: int, vocab_size: int, others: int) -> D
     return DataError(f"{s.path}: shard {problem}{more}; {fix}")
 
 
+def vocab_problem(s: _Shard, vocab_size: int) -> str | None:
+    """One line on why shard ``s`` (local) cannot train a model of ``vocab_size`` ids, or None.
+
+    For a shard checked alone when it arrives (streaming), outside a ``TokenWindows``."""
+    lo, hi = _id_range(s)
+    return str(_vocab_error(s, lo, hi, vocab_size, 0)) if lo < 0 or hi >= vocab_size else None
+
+
 def _default_max_open() -> int:
     """``MAX_OPEN_SHARDS``, or a quarter of a low open-file limit (macOS starts at 256)."""
     limit = _open_file_limit()

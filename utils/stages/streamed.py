@@ -103,6 +103,7 @@ class StreamFeed:
 
     sources: list[StreamedSource]
     config: TrainingConfig
+    vocab_size: int  # every arriving shard's token ids are checked against it
     caches: list[ShardCache] = field(default_factory=list)
 
     def start(self, position: DataPosition | MixturePosition, processes: Processes,
@@ -122,7 +123,7 @@ class StreamFeed:
                     prefetch=config.prefetch_shards, block_shards=config.shuffle_block_shards,
                     schedule=source.schedule, margin_windows=global_batch,
                     read_ahead_windows=read_ahead, pinned=source.pinned, position=at,
-                    log=log))
+                    log=log, vocab_size=self.vocab_size))
 
     def _limits(self) -> Sequence[int | None]:
         """``--cache-limit-gb`` shared among the sources by what each needs at least."""

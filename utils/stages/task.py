@@ -121,8 +121,8 @@ def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) ->
 
     Every token id must fit the model's vocabulary (another tokenizer's shards would fail deep
     in the model, on a GPU as a device-side assert): each machine's main process scans the
-    shards once (cached), the others then read the cache. Streamed shards are not local yet,
-    so they are not scanned.
+    shards once (cached), the others then read the cache. Streamed shards are not local yet:
+    the cache checks each one as it arrives.
     """
     root = Path(config.data_dir)
     weights = source_weights(config.data_mix)
@@ -146,9 +146,10 @@ def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) ->
         eval_idx.append(held + start)
     examples = parts[0] if len(parts) == 1 and not config.data_mix else ConcatWindows(parts)
     meta = read_dataset_meta(root / next(iter(weights))) or read_dataset_meta(root) or {}
+    vocab_size = hf_config_for(config.model, meta).vocab_size
     if not config.stream:
         with local_main_first(processes):
-            examples.check_vocab(hf_config_for(config.model, meta).vocab_size)
+            examples.check_vocab(vocab_size)
     return Task(stage="pretrain", examples=examples,
                 train_idx=np.concatenate([s.indices for s in sources]),
                 eval_idx=np.concatenate(eval_idx), num_files=num_files,
@@ -156,7 +157,7 @@ def pretrain_task(config: TrainingConfig, processes: Processes = ONE_PROCESS) ->
                 count_tokens=lambda batch: len(batch["input_ids"]) * config.seq_len,
                 meta=meta, sources=sources if config.data_mix else None,
                 orders=orders or None,
-                feed=StreamFeed(streamed, config) if streamed else None)
+                feed=StreamFeed(streamed, config, vocab_size) if streamed else None)
 
 
 def _stack_windows(windows: list[np.ndarray]) -> Batch:

@@ -10,7 +10,9 @@ The readers' side is :class:`ShardWait`, the hook ``TokenWindows.from_table`` ca
 opening a shard.
 
 Outages of the bucket only make training wait (the download is retried until it answers);
-a shard that keeps failing verification stops the readers with its name.
+a shard that keeps failing verification stops the readers with its name, and so does a
+verified shard holding a token id the model's vocabulary cannot embed (the check synced data
+gets at start, made as each shard arrives).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data import TokenWindows
+from utils.data.shards import vocab_problem
 from utils.errors import DataError, StorageError, first_line
 from utils.fs import atomic_write
 from utils.processes import lower_thread_priority
@@ -169,6 +172,7 @@ class ShardCache:
         limit_bytes: int | None, prefetch: int, block_shards: int, schedule: Schedule,
         margin_windows: int, read_ahead_windows: int = 0, pinned: Collection[int] = (),
         position: tuple[int, int] = (0, 0), log: Callable[[str], None] = print,
+        vocab_size: int | None = None,
     ) -> None:
         self._store, self._root, self._shards = store, Path(local_root), list(shards)
         self._limit = limit_bytes or None
@@ -176,6 +180,7 @@ class ShardCache:
         self._margin, self._ahead = margin_windows, read_ahead_windows
         self._pinned = sorted(set(pinned))
         self._log = log
+        self._vocab = vocab_size
         self._check_limit(block_shards)
         self._pos = position
         self._cond = threading.Condition()
@@ -400,6 +405,11 @@ class ShardCache:
         self._peak = max(self._peak, self._used + self._inflight)
 
     def _set_ready(self, k: int) -> None:
+        """Mark verified shard ``k`` usable, unless its token ids do not fit the model."""
+        problem = self._vocab and vocab_problem(self._shards[k].shard, self._vocab)
+        if problem:
+            self._give_up(k, problem)
+            return
         marker = _marker(self._root, READY_DIR, self._shards[k].name)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
@@ -423,10 +433,14 @@ class ShardCache:
             self._stats["refetches"] += 1
             self._stop.wait(0.2 * n)
             return
-        reason = (f"{self._store.url}/{name}: still bad after {n} downloads "
-                  f"({first_line(exc, 300)}); re-upload the shard or remove it from the bucket")
+        self._give_up(k, f"{self._store.url}/{name}: still bad after {n} downloads "
+                         f"({first_line(exc, 300)}); re-upload the shard or remove it from "
+                         f"the bucket")
+
+    def _give_up(self, k: int, reason: str) -> None:
+        """Shard ``k`` cannot be had: readers that reach it stop with ``reason``."""
         self._failed.add(k)
-        path = _marker(self._root, FAILED_DIR, name)
+        path = _marker(self._root, FAILED_DIR, self._shards[k].name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, reason)
         self._log(f"streaming: {reason}")
