@@ -262,6 +262,32 @@ def test_two_machines_resume_exactly_from_the_bucket(ddp_run: DdpRun,
 
 
 @pytest.mark.slow
+def test_two_streaming_ranks_number_the_windows_from_one_listing(tiny_data: Path, gcs_bucket,
+                                                                 gcs_emulator, tmp_path: Path):
+    """--stream on two ranks: the main process lists the data once and every rank takes its
+    table (ranks listing apart could each see a bucket that changed meanwhile)."""
+    from gcs_emulator import FaultProxy
+
+    from utils.storage import open_store, sync_up
+
+    sync_up(tiny_data, open_store(gcs_bucket).child("training"), progress=False)
+    proxy = FaultProxy(gcs_emulator.url, [])
+    proxy.start()
+    try:
+        ok(run(accelerate_two(*TRAIN, "--bucket", gcs_bucket, "--stream",
+                              "--data-dir", str(tmp_path / "cache"),
+                              "--output-dir", str(tmp_path / "out"),
+                              "--per-device-train-batch-size", "4"),
+               tmp_path, env={"STORAGE_EMULATOR_HOST": proxy.url}))
+    finally:
+        proxy.stop()
+    listings = [r for r in proxy.requests
+                if r.startswith("GET ") and "/o?" in r and "prefix=training" in r]
+    assert len(listings) == 1, listings
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_within_two_steps(tiny_data: Path,
                                                                  tmp_path: Path) -> None:
     """The stop flag is exchanged without a per-step sync and read a step late: a SIGTERM to

@@ -216,6 +216,32 @@ def test_compiled_step_matches_the_eager_one(sample_data, mlx_out, tmp_path):
     assert np.allclose(compiled, eager, rtol=0, atol=1e-3), (compiled, eager)
 
 
+BROADCAST = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from utils.mlx_engine.dist import MlxProcesses
+ranks = MlxProcesses()
+rows = [[f"s{i:05d}.npy", 7 * i, "crc==", None] for i in range(5000)]
+got = ranks.broadcast_object([rows if ranks.is_main_process else None, "é"])
+assert got == [rows, "é"], got[:1]
+print("rank", ranks.process_index, "received", len(got[0]))
+"""
+
+
+def test_mlx_ranks_broadcast_a_listing_sized_object(tmp_path):
+    """Rank 0's objects reach the other rank whole, whatever their size (a streamed bucket's
+    listing: 5,000 objects, about 190 KB of JSON) and text."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2",
+         sys.executable, str(script), str(REPO)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(re.findall(r"rank (\d) received 5000", done.stdout)) == ["0", "1"]
+
+
 @pytest.mark.slow
 def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
         sample_data, mlx_out, tmp_path):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 
 class Processes(Protocol):
-    """Rank facts and the one collective the shared layers need."""
+    """Rank facts and the two collectives the shared layers need."""
 
     process_index: int
     num_processes: int
@@ -24,6 +24,10 @@ class Processes(Protocol):
     is_local_main_process: bool  # rank 0 of this machine: downloads into its local disk
 
     def wait_for_everyone(self) -> None: ...
+
+    def broadcast_object(self, values: list) -> list:
+        """Rank 0's JSON-able ``values`` on every rank."""
+        ...
 
 
 class OneProcess:
@@ -36,6 +40,9 @@ class OneProcess:
 
     def wait_for_everyone(self) -> None:
         return None
+
+    def broadcast_object(self, values: list) -> list:
+        return values
 
 
 ONE_PROCESS = OneProcess()

@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-
-_BROADCAST_BYTES = 4096  # resume choices and error lines are far shorter
+import numpy as np
 
 
 class MlxProcesses:
@@ -54,12 +53,13 @@ class MlxProcesses:
                                                                            group=self.group)
 
     def broadcast_object(self, values: list) -> list:
-        """Rank 0's JSON-able ``values`` on every rank."""
+        """Rank 0's JSON-able ``values`` on every rank: its length first, then its bytes (as
+        int32, summed with the others' zeros), so any size goes (a bucket's listing too)."""
         if self.num_processes == 1:
             return values
-        data = json.dumps(values).encode()[:_BROADCAST_BYTES] if self.is_main_process else b""
-        buffer = mx.zeros(_BROADCAST_BYTES, mx.int32)
-        if data:
-            buffer[:len(data)] = mx.array(list(data), mx.int32)
-        received = bytes(v for v in self._sum(buffer).tolist() if v)
+        data = json.dumps(values).encode() if self.is_main_process else b""
+        size = int(self._sum(mx.array(len(data), mx.int32)).item())
+        mine = np.frombuffer(data, np.uint8).astype(np.int32) if data else np.zeros(size,
+                                                                                    np.int32)
+        received = np.array(self._sum(mx.array(mine))).astype(np.uint8).tobytes()
         return json.loads(received.decode())

@@ -19,10 +19,10 @@ import numpy as np
 from configs.training_config import TrainingConfig
 from utils.data import META_NAME, DataPosition, MixturePosition, TokenWindows, train_eval_split
 from utils.data.blocks import block_order, shard_schedule
-from utils.errors import DataError
+from utils.errors import DataError, StorageError, first_line
 from utils.fs import atomic_write
 from utils.processes import Processes, local_main_first
-from utils.storage import ObjectNotFound, Store, open_bucket
+from utils.storage import ObjectInfo, ObjectNotFound, Store, open_bucket
 from utils.streaming import RemoteShard, ShardCache, minimum_bytes, remote_shards, stream_windows
 
 # A bucket that does not answer is retried by the cache until it does; each attempt gives up
@@ -74,15 +74,36 @@ def fetch_shared_meta(store: Store, data_dir: Path) -> None:
     atomic_write(data_dir / META_NAME, data)
 
 
+def shared_listing(store: Store, processes: Processes) -> list[ObjectInfo]:
+    """``store``'s listing as the run's main process made it, on every rank.
+
+    Every rank numbers the windows from its shard table; tables listed by each machine (or
+    rank) apart could differ when the bucket changes meanwhile (shards still being
+    uploaded), and the ranks would then train on orders that do not fit together."""
+    found: list = [None, None]  # [rows of the listing, error]
+    if processes.is_main_process:
+        try:
+            found[0] = [[o.name, o.size, o.crc32c, o.md5] for o in store.list()]
+        except Exception as err:  # the others wait for this broadcast: they learn it too
+            processes.broadcast_object([None, first_line(err)])
+            raise
+    rows, error = processes.broadcast_object(found)
+    if error:
+        raise StorageError(error)
+    return [ObjectInfo(*row) for row in rows]
+
+
 def open_source(config: TrainingConfig, folder: str, n_eval: int,
                 processes: Processes) -> StreamedSource:
-    """A source's shard table (the machine's main process lists and reads headers first,
-    the others then find them cached) and its windows; nothing is downloaded yet."""
+    """A source's shard table (from the main process's listing; each machine's main process
+    reads the headers first, the others then find them cached) and its windows; nothing is
+    downloaded yet."""
     data = open_bucket(config, retry_deadline_s=ATTEMPT_DEADLINE_S).child(config.data_prefix)
     store = data.child(folder) if folder else data
     root = Path(config.data_dir) / folder
+    objects = shared_listing(store, processes)
     with local_main_first(processes):
-        shards = remote_shards(store, root, config.max_files or None)
+        shards = remote_shards(store, root, config.max_files or None, objects)
         if folder and processes.is_local_main_process:
             fetch_shared_meta(data, Path(config.data_dir))
     windows = stream_windows(shards, config.seq_len, root)

@@ -117,13 +117,15 @@ def _npy_head(store: Store, info: ObjectInfo) -> bytes:
 
 
 def remote_shards(
-    store: Store, local_root: Path, max_files: int | None = None
+    store: Store, local_root: Path, max_files: int | None = None,
+    objects: list[ObjectInfo] | None = None,
 ) -> list[RemoteShard]:
-    """Every shard under ``store`` (one listing), in find_shards' order, described for
-    ``TokenWindows.from_table`` with paths under ``local_root``; nothing is downloaded but
-    the small non-shard files. DataError for .npz shards or a bucket without shards."""
+    """Every shard under ``store`` (one listing, or ``objects``: a listing made elsewhere),
+    in find_shards' order, described for ``TokenWindows.from_table`` with paths under
+    ``local_root``; nothing is downloaded but the small non-shard files. DataError for .npz
+    shards or a bucket without shards."""
     root = Path(local_root)
-    objects = store.list()
+    objects = store.list() if objects is None else objects
     chosen = _select(objects, store.url, max_files)
     root.mkdir(parents=True, exist_ok=True)
     _fetch_small_files(store, root, objects)
