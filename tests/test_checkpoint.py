@@ -369,6 +369,28 @@ def test_failures_retry_and_a_backlog_keeps_the_newest(saved, gcs_emulator, gcs_
     assert prune(path.parent, 1, protected={kept[0]}) == []  # never one still uploading
 
 
+def test_wait_marked_returns_once_the_submitted_checkpoint_counts(saved, monkeypatch):
+    """The checkpoint writer waits on this before the next write (which could fill the disk
+    the previous one's marker still needs): a slow marking (1 s) is waited for."""
+    from utils import checkpoint as checkpoint_package
+
+    _, _, _, path = saved
+    original = checkpoint_package.write_manifest
+
+    def slow_manifest(ckpt: Path) -> None:
+        time.sleep(1.0)
+        original(ckpt)
+
+    monkeypatch.setattr(checkpoint_package, "write_manifest", slow_manifest)
+    publisher = CheckpointPublisher(None, PREFIX, log=lambda _: None)
+    publisher.submit(path)
+    assert find_complete(path.parent) == []  # still marking
+    publisher.wait_marked()
+    assert find_complete(path.parent) == [path]
+    assert publisher.close(timeout=5)
+    publisher.wait_marked()  # after close: returns at once
+
+
 def test_catch_up_uploads_what_a_killed_run_left_local_only(saved, gcs_bucket):
     _, _, _, path = saved
     store = open_store(gcs_bucket, retry_deadline_s=20)

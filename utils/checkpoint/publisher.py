@@ -216,6 +216,18 @@ class CheckpointPublisher:
             except Exception as err:  # noqa: BLE001 - one bad checkpoint must not stop the rest
                 self.log(f"finishing checkpoint {item.name} failed ({first_line(err)})")
                 self._finish(item.name, uploaded=False, reason=first_line(err))
+            finally:
+                self._to_mark.task_done()
+        self._to_mark.task_done()
+
+    def wait_marked(self) -> None:
+        """Return once every submitted checkpoint is marked (or failed to be).
+
+        The checkpoint writer calls this before it writes the next one: marking still writes
+        to the disk (the manifest), and a next write that filled the disk meanwhile would
+        leave the previous checkpoint unmarked, so not resumable."""
+        if self._threads and self._threads[0].is_alive():  # not after close()
+            self._to_mark.join()
 
     def _mark(self, ckpt_dir: Path) -> bool:
         """Write the marker (unless catch_up handed over a marked one); prune without a bucket."""

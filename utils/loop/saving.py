@@ -90,6 +90,7 @@ class Saver:
     def _write(self, snapshot, times: SaveTimes) -> None:
         if self.publisher.background:
             lower_thread_priority()  # serialising gigabytes must not slow the steps
+        self.publisher.wait_marked()  # the previous checkpoint counts before this one writes
         started = time.perf_counter()
         try:
             path = snapshot.write()
