@@ -112,8 +112,12 @@ class Delegate(Store):
     def read_bytes(self, name: str) -> bytes:
         return self.inner.read_bytes(name)
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
-        self.inner.write_bytes(name, data, if_absent=if_absent)
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False,
+                    if_version: str | None = None) -> str:
+        return self.inner.write_bytes(name, data, if_absent=if_absent, if_version=if_version)
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        return self.inner.read_versioned(name)
 
     def delete(self, name: str) -> None:
         self.inner.delete(name)
@@ -146,6 +150,31 @@ def test_small_objects_round_trip(store: Store) -> None:
     store.delete("dir/meta.json")  # deleting twice is fine
     with pytest.raises(ObjectNotFound, match="dir/meta.json"):
         store.read_bytes("dir/meta.json")
+
+
+def test_compare_and_swap_lets_one_of_two_writers_win(store: Store) -> None:
+    """A write conditioned on the version read replaces the object only if nobody wrote in
+    between: the run lease's renewal and takeover rest on this (a GCS generation match)."""
+    first = store.write_bytes("lease.json", b"a", if_absent=True)
+    data, version = store.read_versioned("lease.json")
+    assert (data, version) == (b"a", first)
+    second = store.write_bytes("lease.json", b"b", if_version=version)
+    assert second != version and store.read_bytes("lease.json") == b"b"
+    with pytest.raises(ObjectExists):  # a writer that read "a" lost the race
+        store.write_bytes("lease.json", b"c", if_version=version)
+    with pytest.raises(ObjectExists):
+        store.write_bytes("lease.json", b"d", if_absent=True)
+    assert store.read_versioned("lease.json") == (b"b", second)
+
+
+def test_a_local_child_cannot_climb_out_of_its_bucket(tmp_path: Path) -> None:
+    """``checkpoints/..`` would reach the bucket's training data; refused, not followed."""
+    (tmp_path / "bucket").mkdir()
+    store = open_store(str(tmp_path / "bucket"))
+    for bad in ("..", "checkpoints/..", "a/../../b"):
+        with pytest.raises(StorageError, match="not a safe relative path"):
+            store.child(bad)
+    assert store.child("checkpoints/run").url.endswith("bucket/checkpoints/run")
 
 
 def test_list_is_recursive_with_sizes_and_hashes(filled: Store, tmp_path: Path) -> None:

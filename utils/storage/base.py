@@ -22,6 +22,12 @@ class ObjectExists(StorageError):
     """A write with if_absent=True found the object already there; nothing was replaced."""
 
 
+def _changed_error(url: str, name: str) -> ObjectExists:
+    """The one line for a compare-and-swap write that lost: another writer came first."""
+    return ObjectExists(f"{url}/{name} was changed by another writer since it was read; "
+                        "read it again before replacing it")
+
+
 def _exists_error(url: str, name: str, detail: str = "") -> ObjectExists:
     """The one line for an if_absent write that lost: which object, and what to do."""
     return ObjectExists(
@@ -148,11 +154,21 @@ class Store(ABC):
         """A small object's content; ObjectNotFound if missing."""
 
     @abstractmethod
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Write a small object (atomically: readers see the old or the new content).
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False,
+                    if_version: str | None = None) -> str:
+        """Write a small object (atomically: readers see the old or the new content); returns
+        its new version.
 
         if_absent: as for upload_file, ObjectExists instead of replacing an existing object.
+        if_version: replace the object only if it still has this version (from
+        ``read_versioned``), else ObjectExists: a compare-and-swap, so of two writers that
+        read the same version only one wins (a run lease's renewal and takeover).
         """
+
+    @abstractmethod
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        """A small object's content and its version (GCS: the generation); ObjectNotFound if
+        missing."""
 
     @abstractmethod
     def delete(self, name: str) -> None:

@@ -266,18 +266,30 @@ class GcsStore(Store):
                 )
             )
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False,
+                    if_version: str | None = None) -> str:
         blob = self._bucket.blob(self._key(name))
+        # A generation precondition: 0 means "no live object", a number "still that
+        # generation"; GCS answers 412 otherwise (ObjectExists here).
+        match = int(if_version) if if_version is not None else 0 if if_absent else None
         with self._errors(name):
             blob.upload_from_string(
                 data,
                 checksum="crc32c",
-                if_generation_match=0 if if_absent else None,
+                if_generation_match=match,
                 retry=self._retry,
                 timeout=self._timeout,
             )
         if blob.crc32c != bytes_crc32c(data):
             raise StorageError(f"{self.url}/{name}: stored crc32c does not match; write it again")
+        return str(blob.generation)
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        blob = self._bucket.blob(self._key(name))
+        with self._errors(name):
+            data = blob.download_as_bytes(raw_download=True, checksum="crc32c",
+                                          retry=self._retry, timeout=self._timeout)
+        return bytes(data), str(blob.generation)
 
     def delete(self, name: str) -> None:
         try:

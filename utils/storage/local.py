@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,6 +17,7 @@ from utils.storage.base import (
     ObjectNotFound,
     ProgressFn,
     Store,
+    _changed_error,
     _exists_error,
     _hint_levels,
     _join,
@@ -50,6 +54,16 @@ def _link_new(tmp: Path, final: Path) -> bool:
     return True
 
 
+def _version(path: Path) -> str:
+    """A local object's version: every write renames a new file into place, so its inode and
+    modification time change (the stand-in for a GCS generation)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return ""
+    return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+
+
 def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: ProgressFn | None) -> None:
     while chunk := src.read(_CHUNK):
         dst.write(chunk)
@@ -71,6 +85,8 @@ class LocalStore(Store):
         self._cache = HashCache(self.root)
 
     def child(self, prefix: str) -> LocalStore:
+        if _join(prefix):  # a prefix that climbs out (``..``) would reach another run's data
+            _safe_local_path(self.root, _join(prefix))
         return LocalStore(self.base, _join(self.prefix, prefix))
 
     def _path(self, name: str) -> Path:
@@ -165,12 +181,19 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"{self.url}/{name} does not exist; check the name") from exc
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False,
+                    if_version: str | None = None) -> str:
         final = self._path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if if_version is not None:
+            with self._locked(final):
+                if not final.is_file() or _version(final) != if_version:
+                    raise _changed_error(self.url, name)
+                atomic_write(final, data)
+                return _version(final)
         if not if_absent:
             atomic_write(final, data)
-            return
+            return _version(final)
         tmp = _tmp_name(final)
         try:
             with open(tmp, "wb") as f:
@@ -181,6 +204,26 @@ class LocalStore(Store):
                 raise _exists_error(self.url, name)
         finally:
             tmp.unlink(missing_ok=True)
+        return _version(final)
+
+    def read_versioned(self, name: str) -> tuple[bytes, str]:
+        path = self._path(name)
+        with self._locked(path):
+            return self.read_bytes(name), _version(path)
+
+    @staticmethod
+    @contextmanager
+    def _locked(final: Path) -> Iterator[None]:
+        """An exclusive lock beside ``final`` (a hidden file), so a compare-and-swap reads the
+        version and replaces the object as one step for every process on this machine."""
+        lock = final.parent / f".{final.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
