@@ -5,6 +5,7 @@
 Each engine (``utils/torch_engine``, ``utils/mlx_engine``) writes and reads its own tensors.
 """
 
+from utils.checkpoint import lineage
 from utils.checkpoint.format import (
     MARKER,
     TrainState,
@@ -16,13 +17,14 @@ from utils.checkpoint.format import (
     verify,
     write_manifest,
 )
+from utils.checkpoint.lease import RunLease
 from utils.checkpoint.resume import choose_resume, download, fetch, remote_complete
 from utils.checkpoint.retention import delete_run, permanent, prune, prune_remote
 from utils.errors import CheckpointError
 
 __all__ = [
-    "MARKER", "CheckpointError", "TrainState", "by_step", "checkpoint_name", "choose_resume",
-    "delete_run",
-    "download", "fetch", "find_complete", "permanent", "prune", "prune_remote", "read_manifest",
-    "remote_complete", "step_of", "verify", "write_manifest",
+    "MARKER", "CheckpointError", "RunLease", "TrainState", "by_step", "checkpoint_name",
+    "choose_resume", "delete_run", "download", "fetch", "find_complete", "lineage",
+    "permanent", "prune", "prune_remote", "read_manifest", "remote_complete", "step_of",
+    "verify", "write_manifest",
 ]

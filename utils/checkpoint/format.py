@@ -58,6 +58,11 @@ class TrainState:
     seed: int | None = None  # the data order and the held-out split derive from it
     # Experiment trackers' run ids (e.g. {"wandb": "..."}): a resume continues the same run.
     run_ids: dict[str, str] = field(default_factory=dict)
+    # This run's identity and line of training (utils/checkpoint/lineage.py): the id is made
+    # at a start from scratch and kept by every resume; the lineage lists the checkpoints of
+    # this line, oldest first, ending with the checkpoint that holds this state.
+    run_id: str = ""
+    lineage: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -112,8 +117,18 @@ def write_manifest(ckpt_dir: Path) -> None:
         with path.open("rb") as f:
             os.fsync(f.fileno())
         files[rel] = {"size": path.stat().st_size, "crc32c": file_crc32c(path)}
-    atomic_write(ckpt_dir / MARKER, json.dumps({"files": files, "created": time.time()}, indent=1))
+    record = {"files": files, "created": time.time(), "run_id": _run_id(ckpt_dir)}
+    atomic_write(ckpt_dir / MARKER, json.dumps(record, indent=1))
     fsync_dir(ckpt_dir)
+
+
+def _run_id(ckpt_dir: Path) -> str:
+    """The run id the checkpoint's state records, for its marker ('' if none)."""
+    try:
+        return str(json.loads((ckpt_dir / "trainer_state.json").read_text())["state"]
+                   .get("run_id") or "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def _manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]] | str:

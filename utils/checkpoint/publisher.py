@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from utils import checkpoint
+from utils.checkpoint import lineage
 from utils.errors import StorageError, first_line
 from utils.processes import lower_thread_priority
 from utils.storage import ObjectExists, ObjectInfo, Store
@@ -78,6 +79,11 @@ class CheckpointPublisher:
         self.history: list[Published] = []
         # Called (on a worker thread) with each checkpoint's record once it is settled.
         self.on_finished: Callable[[Published], None] | None = None
+        # Why this run may no longer write to the bucket ('' while it may): the run lease
+        # was taken over (``ownership_lost``, the lease's ``lost``), or a checkpoint there
+        # belongs to another run id. The loop stops on it; uploads stop at once.
+        self.ownership_lost: Callable[[], str] = lambda: ""
+        self.conflict = ""
         self._lock = threading.Lock()
         self._pending: set[str] = set()     # submitted, not yet finished (marking or uploading)
         self._to_mark: queue.Queue[Path | None] = queue.Queue()
@@ -108,24 +114,31 @@ class CheckpointPublisher:
             self._publish(ckpt_dir)
 
     def catch_up(self, root: Path) -> str | None:
-        """Queue the newest local checkpoint if the bucket lacks it (a kill cut its upload),
-        and every permanent one (``keep_every``) the bucket lacks; returns the newest's name."""
+        """Queue the head checkpoint if the bucket lacks it (a kill cut its upload), and every
+        permanent one (``keep_every``) of its line the bucket lacks; returns the head's name."""
         if self.store is None:
             return None
         local = checkpoint.find_complete(root)
         if not local:  # a fresh start: nothing to catch up, no listing to wait on
             return None
+        head = lineage.read_local(root)
+        if head is not None:
+            local = [p for p in local if p.name in head["lineage"]] or local[-1:]
+            newest = root / head["checkpoint"] if (root / head["checkpoint"]) in local \
+                else local[-1]
+        else:
+            newest = local[-1]
         try:
             remote = checkpoint.remote_complete(self.store, self.remote_prefix)
         except StorageError as err:
             self.log(f"could not list uploaded checkpoints ({err}); not catching up")
             return None
         missing = [p for p in local if p.name not in remote and (
-            p == local[-1] or checkpoint.permanent(p.name, self.keep_every))]
+            p == newest or checkpoint.permanent(p.name, self.keep_every))]
         for path in missing:
             self.log(f"{path.name} is complete locally but not in the bucket: uploading it")
             self.submit(path)
-        return local[-1].name if local and local[-1] in missing else None
+        return newest.name if newest in missing else None
 
     @property
     def pending(self) -> list[str]:
@@ -243,6 +256,10 @@ class CheckpointPublisher:
             self._finish(ckpt_dir.name, uploaded=False, reason="not complete")
             return False
         record.marked = True
+        try:
+            lineage.move_local(ckpt_dir.parent, lineage.head_of(ckpt_dir))
+        except (OSError, ValueError, KeyError) as err:
+            self.log(f"could not record {ckpt_dir.name} as the run's head ({first_line(err)})")
         if self.store is None:
             self._finish(ckpt_dir.name, uploaded=False)
             self._prune(ckpt_dir.parent)
@@ -292,30 +309,60 @@ class CheckpointPublisher:
             self.log(f"checkpoint {ckpt_dir.name} not uploaded: {reason}; it stays local")
             self._finish(ckpt_dir.name, uploaded=False, reason=reason)
         else:
+            self._move_remote_head(ckpt_dir)
             self._finish(ckpt_dir.name, uploaded=True)
             self.log(f"uploaded {ckpt_dir.name} ({record.sent / 1e6:.0f} of "
                      f"{record.size / 1e6:.0f} MB sent) in {record.finished - record.started:.1f}"
                      f" s to {self.store.url}/{self.remote_prefix}")
         self._prune(ckpt_dir.parent)
 
-    def _prune(self, root: Path) -> None:
-        """Retention, never touching a checkpoint still being marked, waiting or uploading."""
-        protected = set(self.pending)
+    def _move_remote_head(self, ckpt_dir: Path) -> None:
+        """The bucket's head follows the line once the checkpoint counts there."""
         try:
-            checkpoint.prune(root, self.keep_local, protected=protected)
+            lineage.move_remote(self.store, self.remote_prefix, lineage.head_of(ckpt_dir))
+        except (OSError, ValueError, KeyError, StorageError) as err:
+            self.log(f"could not record {ckpt_dir.name} as the run's head in the bucket "
+                     f"({first_line(err)}); --resume latest still finds it by its line")
+
+    def _prune(self, root: Path) -> None:
+        """Retention of this line's checkpoints, never touching one still being marked,
+        waiting or uploading, nor a local one that is the only copy of its state."""
+        protected = set(self.pending)
+        head = lineage.read_local(root)
+        line = set(head["lineage"]) if head is not None else None
+        try:
+            uploaded = None
+            if self.store is not None:
+                if self._stopped_owning():
+                    return
+                uploaded = set(checkpoint.remote_complete(self.store, self.remote_prefix))
+            checkpoint.prune(root, self.keep_local, protected=protected,
+                             keep_every=self.keep_every, line=line, uploaded=uploaded)
             if self.store is not None and self.remote_keep > 0:
                 checkpoint.prune_remote(self.store, self.remote_prefix, self.remote_keep,
-                                        protected=protected, keep_every=self.keep_every)
+                                        protected=protected, keep_every=self.keep_every,
+                                        line=line)
         except (OSError, StorageError) as err:
             self.log(f"could not prune old checkpoints ({err}); trying again after the next one")
+
+    def _stopped_owning(self) -> str:
+        """Why this run may not change the bucket any more ('' while it may)."""
+        if not self.conflict:
+            self.conflict = self.ownership_lost()
+        return self.conflict
 
     def _upload_with_retries(self, ckpt_dir: Path) -> str:
         """'' once uploaded, else why not (after ``max_attempts``, or when closing)."""
         delay = 1.0
         for attempt in range(1, self.max_attempts + 1):
+            if self._stopped_owning():
+                return self.conflict
             try:
                 self._upload(ckpt_dir)
                 return ""
+            except RunConflict as err:
+                self.conflict = str(err)
+                return self.conflict
             except Exception as err:  # noqa: BLE001 - any failure is retried, then given up
                 if not ckpt_dir.is_dir():
                     return "its folder disappeared before the upload finished"
@@ -338,10 +385,16 @@ class CheckpointPublisher:
         target = self.store.child(f"{self.remote_prefix}/{ckpt_dir.name}")
         remote = {o.name: o for o in target.list()}
         if checkpoint.MARKER in remote:
-            if target.read_bytes(checkpoint.MARKER) == marker:
+            theirs = target.read_bytes(checkpoint.MARKER)
+            if theirs == marker:
                 return  # already published (catch_up after a kill between marker and log)
-            # Another checkpoint of the same name (a resumed run redoing this step): it must
-            # stop counting before its files are replaced.
+            ours, owner = lineage.marker_run_id(marker), lineage.marker_run_id(theirs)
+            if owner and owner != ours:
+                raise RunConflict(f"{target.url} belongs to another run (run id {owner}, this "
+                                  f"run is {ours}); it was left as it is and this run stopped "
+                                  f"writing to the bucket: give each run its own --run-name")
+            # This run's own earlier checkpoint of that name (a resume redoing the step): it
+            # must stop counting before its files are replaced.
             target.delete(checkpoint.MARKER)
 
         # One file at a time: no thread pool, which would refuse work while Python exits.
@@ -377,6 +430,10 @@ class CheckpointPublisher:
             raise StorageError(f"{target.url}/{name} was written by another process while this "
                                f"one uploaded it; two runs are writing the same checkpoint "
                                f"(give each its own --run-name)") from None
+
+
+class RunConflict(StorageError):
+    """The bucket holds another run's checkpoint where this run would write: never retried."""
 
 
 def _same(have: ObjectInfo | None, info: dict) -> bool:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from utils.checkpoint import lineage
 from utils.checkpoint.format import MARKER, by_step, find_complete, step_of, verify
 from utils.errors import CheckpointError, StorageError
 from utils.fs import TMP_PREFIX, fsync_dir
@@ -55,10 +56,12 @@ def choose_resume(wanted: str, root: Path, store: Store | None = None, remote_pr
                   log: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to resume from, downloaded if only the bucket has it; None if none exists.
 
-    ``latest`` walks the complete checkpoints (local and remote) newest first and takes the
-    first whose files pass their checksums, preferring the local copy: a corrupted or
-    truncated checkpoint costs one checkpoint of progress, not the run. A named checkpoint
-    must pass, or CheckpointError says why.
+    ``latest`` follows the run's head (``lineage.py``): the checkpoints of the line being
+    trained, newest first, never a higher step of a line a rollback abandoned (before heads
+    existed: every complete checkpoint by step). It takes the first whose files pass their
+    checksums, preferring the local copy: a corrupted or truncated checkpoint costs one
+    checkpoint of progress, not the run. A named checkpoint must pass, or CheckpointError
+    says why.
     """
     try:
         remote = set(remote_complete(store, remote_prefix)) if store is not None else set()
@@ -69,7 +72,9 @@ def choose_resume(wanted: str, root: Path, store: Store | None = None, remote_pr
         remote = set()
     local = {p.name for p in find_complete(root)}
     if wanted == "latest":
-        names = sorted(local | remote, key=by_step, reverse=True)
+        head = lineage.newest_head(root, store, remote_prefix, log)
+        names = (sorted(local | remote, key=by_step, reverse=True) if head is None else
+                 [n for n in reversed(head["lineage"]) if n in local or n in remote])
     elif wanted in local or wanted in remote:
         names = [wanted]
     else:

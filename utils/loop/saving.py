@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.checkpoint import TrainState, checkpoint_name, find_complete, step_of
+from utils.checkpoint import TrainState, checkpoint_name, find_complete, lineage, step_of
 from utils.checkpoint.publisher import CheckpointPublisher, Published
 from utils.errors import TrainingError, disk_full
 from utils.loop.engine import Engine
@@ -69,8 +69,9 @@ class Saver:
         if waited > 0.5:
             self.say(f"waited {waited:.1f} s for the previous checkpoint's write to finish")
         started = time.perf_counter()
-        snapshot = self.engine.snapshot(state, config_dict, self.root)
         name = checkpoint_name(state)
+        state.lineage = lineage.extend(state.lineage, name)  # the line this one continues
+        snapshot = self.engine.snapshot(state, config_dict, self.root)
         if snapshot is None:  # not the main process: it writes nothing
             return self.root / name
         times = SaveTimes(state.step, name, time.perf_counter() - started, snapshot.nbytes)

@@ -6,7 +6,9 @@ engine's collectives (main process decides, the others follow).
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +19,10 @@ from utils import checkpoint
 from utils.checkpoint import TrainState
 from utils.data import MixturePosition, source_weights
 from utils.errors import CheckpointError, StorageError, TrainingError, first_line
-from utils.fs import remove_stale_tmp
+from utils.fs import atomic_write, remove_stale_tmp
 from utils.processes import Processes
 from utils.stages.streamed import fetch_shared_meta
-from utils.storage import open_bucket
+from utils.storage import LocalStore, open_bucket
 
 
 class Collectives(Processes, Protocol):
@@ -86,10 +88,25 @@ def resolve_resume(config: TrainingConfig, engine: Collectives, local_root: Path
     name, error = engine.broadcast_object(choice)
     if error:
         raise TrainingError(error)
+    if name and engine.is_main_process:
+        _make_head(local_root / name, store, prefix)
     if name and engine.is_local_main_process and not engine.is_main_process:
         checkpoint.fetch(name, local_root, store, prefix)
     engine.wait_for_everyone()
     return local_root / name if name else None
+
+
+def _make_head(ckpt_dir: Path, store, prefix: str) -> None:
+    """The resumed checkpoint becomes the run's head: an older one forks the line there, so
+    ``--resume latest`` follows what this run trains next, not the abandoned higher steps."""
+    head = checkpoint.lineage.head_of(ckpt_dir, start_line=True)
+    checkpoint.lineage.move_local(ckpt_dir.parent, head, force=True)
+    if store is not None:
+        try:
+            checkpoint.lineage.move_remote(store, prefix, head, force=True)
+        except StorageError as err:
+            raise TrainingError(f"could not record the resumed checkpoint {ckpt_dir.name} as "
+                                f"the run's head in {store.url}/{prefix} ({err})") from None
 
 
 def continue_from(state: TrainState, saved: TrainState, source: Path, say,
@@ -122,6 +139,8 @@ def continue_from(state: TrainState, saved: TrainState, source: Path, say,
             f"{state.global_batch_windows} windows); data order kept by window offset")
     state.step, state.tokens_seen, state.position = saved.step, saved.tokens_seen, saved.position
     state.run_ids = dict(saved.run_ids)  # trackers continue the same runs (W&B's id)
+    state.run_id = saved.run_id or state.run_id  # the same run (checkpoints before run ids:
+    state.lineage = list(saved.lineage) or [source.name]  # it gets one now)
     say(f"resumed from {source} at step {state.step}")
 
 
@@ -167,36 +186,129 @@ def prepare_output_dir(output_dir: Path, processes: Processes) -> None:
     remove_stale_tmp(output_dir / "checkpoints")
 
 
-def claim_run(config: TrainingConfig, engine: Collectives, local_root: Path, store,
-              say: Callable[[str], None]) -> None:
-    """Refuse to start over a run that has checkpoints, unless resuming or --overwrite.
+OWNER = "RUN.json"  # in --output-dir: the one run whose checkpoints and logs it holds
 
-    Without this, a second run of the same --run-name would silently replace the first one's
-    checkpoints and a later ``--resume latest`` would continue a mix of both. The main process
-    looks (locally and in the bucket) and decides; with --overwrite it deletes them first.
+
+class RunClaim:
+    """The main process's hold on its run name: the leases (the output folder's, and the
+    bucket's), renewed in the background and released at the end."""
+
+    def __init__(self, leases: list[checkpoint.RunLease]) -> None:
+        self.leases = leases
+
+    def start(self) -> None:
+        for lease in self.leases:
+            lease.start_renewing()
+
+    @property
+    def lost(self) -> str:
+        """Why this run no longer holds its name ('' while it does)."""
+        return next((lease.lost for lease in self.leases if lease.lost), "")
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Release every lease, bounded in time (a bucket that hangs must not hold the exit:
+        an unreleased lease expires by itself)."""
+        thread = threading.Thread(target=lambda: [lease.release() for lease in self.leases],
+                                  name="lease-release", daemon=True)
+        thread.start()
+        thread.join(timeout)
+
+
+def claim_run(config: TrainingConfig, engine: Collectives, local_root: Path, store,
+              say: Callable[[str], None]) -> RunClaim | None:
+    """Take the run name for this process (one writer per run), then refuse to start over a
+    run that has checkpoints, unless resuming or --overwrite.
+
+    The main process claims ``--output-dir`` for this run name (a folder holding another
+    run's checkpoints is refused: their names would collide), takes the run's leases (a
+    second live run of the same name is refused with one line naming it), and looks for
+    checkpoints (locally and in the bucket); with --overwrite it deletes exactly this run's
+    checkpoint folders. The others follow its verdict. Returns the claim (main process).
     """
-    if config.resume:
-        return
     verdict: list[str | None] = [None, None]  # [what exists, error]
+    claim = None
     if engine.is_main_process:
         try:
-            verdict[0] = _existing_checkpoints(config, local_root, store)
-        except (CheckpointError, StorageError) as err:
+            claim = _take_run(config, local_root, store, say)
+            if not config.resume:
+                verdict[0] = _existing_checkpoints(config, local_root, store)
+        except (CheckpointError, StorageError, TrainingError) as err:
             verdict[1] = str(err)
     found, error = engine.broadcast_object(verdict)
     if error:
+        if claim is not None:
+            claim.release()
         raise TrainingError(error)
     if found and not config.overwrite:
+        if claim is not None:
+            claim.release()
         raise TrainingError(
             f"run {config.run_name!r} already has checkpoints ({found}): pass --resume latest "
             f"to continue it, a new --run-name to start another run, or --overwrite to delete "
             f"them and start over")
     if found:
-        say(f"--overwrite: starting run {config.run_name!r} over; deleting its checkpoints "
-            f"({found})")
+        say(f"--overwrite: starting run {config.run_name!r} over; deleting its checkpoint "
+            f"folders ({found}) and nothing else")
         if engine.is_main_process:
-            checkpoint.delete_run(local_root, store, f"checkpoints/{config.run_name}")
+            gone = checkpoint.delete_run(local_root, store, f"checkpoints/{config.run_name}")
+            say(f"--overwrite deleted {len(gone)} checkpoint folder(s): {', '.join(gone)}")
     engine.wait_for_everyone()
+    if claim is not None:
+        claim.start()
+    return claim
+
+
+def _take_run(config: TrainingConfig, local_root: Path, store,
+              say: Callable[[str], None]) -> RunClaim:
+    """Claim the output folder and take the leases (local first, then the bucket's)."""
+    output_dir = local_root.parent
+    _claim_output_dir(output_dir, local_root, config.run_name)
+    leases = [checkpoint.RunLease(LocalStore(output_dir), f"run {config.run_name!r} in "
+                                  f"{output_dir}", log=say)]
+    if store is not None:
+        prefix = f"checkpoints/{config.run_name}"
+        leases.append(checkpoint.RunLease(store.child(prefix), f"run {config.run_name!r} in "
+                                          f"{store.url}/{prefix}", log=say))
+    taken = []
+    try:
+        for lease in leases:
+            lease.acquire()
+            taken.append(lease)
+    except BaseException:
+        RunClaim(taken).release()
+        raise
+    return RunClaim(leases)
+
+
+def _claim_output_dir(output_dir: Path, local_root: Path, run_name: str) -> None:
+    """Record that ``output_dir`` holds ``run_name``; refuse one that holds another run.
+
+    Checkpoint folder names carry the step, not the run, so two runs in one folder would
+    resume, overwrite and delete each other's checkpoints."""
+    owner_file = output_dir / OWNER
+    try:
+        owner = str(json.loads(owner_file.read_text())["run_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = _run_of_checkpoints(local_root)
+    if owner and owner != run_name:
+        raise TrainingError(
+            f"--output-dir {output_dir} holds run {owner!r}, not {run_name!r}: give run "
+            f"{run_name!r} its own --output-dir (the default is outputs/{run_name}), or pass "
+            f"--run-name {owner} to continue that run")
+    if not owner_file.exists():
+        atomic_write(owner_file, json.dumps({"run_name": run_name}))
+
+
+def _run_of_checkpoints(local_root: Path) -> str:
+    """The run name recorded in the folder's newest checkpoint ('' if none): folders from
+    before RUN.json existed."""
+    for path in reversed(checkpoint.find_complete(local_root)):
+        try:
+            return str(json.loads((path / "trainer_state.json").read_text())["config"]
+                       ["run_name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return ""
 
 
 def _existing_checkpoints(config: TrainingConfig, local_root: Path, store) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from configs.training_config import TrainingConfig
-from utils.checkpoint import TrainState, find_complete
+from utils.checkpoint import TrainState, find_complete, lineage
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.errors import TrainingError
 from utils.loop.engine import Engine, ModelInfo
@@ -98,7 +98,7 @@ class Trainer:
         self.task = build_task(config, engine)
         self.info = engine.setup(self.task, config)
         self.store = open_checkpoint_store(config, engine)
-        claim_run(config, engine, self.ckpt_root, self.store, self.say)
+        self.claim = claim_run(config, engine, self.ckpt_root, self.store, self.say)
         self.state = self._resume()
         self.sampler = self.task.sampler(config.per_device_train_batch_size,
                                          engine.process_index, engine.num_processes,
@@ -126,6 +126,8 @@ class Trainer:
             keep_local=config.save_total_limit, remote_keep=config.remote_keep,
             keep_every=config.keep_every_steps,
             exit_timeout_s=config.upload_timeout_s, log=self.say)
+        if self.claim is not None:  # another run taking the name over stops uploads at once
+            self.publisher.ownership_lost = lambda: self.claim.lost
         if self.main:
             self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
         self.preemption = PreemptionHandler()
@@ -148,7 +150,8 @@ class Trainer:
                            world_size=engine.num_processes,
                            global_batch_windows=config.per_device_train_batch_size
                            * engine.num_processes, seed=config.seed,
-                           position=task.start_position())
+                           position=task.start_position(),
+                           run_id=engine.broadcast_object([lineage.new_run_id()])[0])
         if resume_from is not None:
             continue_from(state, self.engine.load(resume_from), resume_from, self.say,
                           allow_seed_change=config.allow_seed_change)
@@ -201,6 +204,8 @@ class Trainer:
         finally:
             if self.task.feed is not None:
                 self.task.feed.close()
+            if self.claim is not None:  # within what a signal's budget left
+                self.claim.release(min(5.0, max(0.2, self.exit_by - time.monotonic())))
 
     def _baseline_reward(self) -> None:
         """GRPO: the base's held-out reward before any step, what the run improves on."""
@@ -238,7 +243,10 @@ class Trainer:
         config, step = self.config, self.state.step
         log_now = due(step, config.logging_steps, config.max_steps)
         save_now = due(step, config.save_steps, config.max_steps)
-        stop_now, on_time = self._exchange_flags()
+        stop_now, on_time, lost = self._exchange_flags()
+        if lost:
+            raise TrainingError(self._ownership_problem() or f"run {config.run_name!r} was "
+                                f"taken over by another run; this run stopped")
         save_now = save_now or on_time
         if log_now or save_now or stop_now:
             sums, grad_norm = self.engine.read_interval()
@@ -252,9 +260,15 @@ class Trainer:
             self.say(f"stopping at step {step} on request; checkpoint {self.saved[-1].name}")
         return stop_now
 
-    def _exchange_flags(self) -> tuple[bool, bool]:
-        """(a process was asked to stop, the main process says a timed save is due), agreed
-        on by all processes without a per-step sync.
+    def _ownership_problem(self) -> str:
+        """Why this run may no longer write its checkpoints ('' while it may): its lease was
+        taken over, or the bucket holds another run's checkpoint where it would write."""
+        return (self.claim.lost if self.claim is not None else "") or self.publisher.conflict
+
+    def _exchange_flags(self) -> tuple[bool, bool, bool]:
+        """(a process was asked to stop, the main process says a timed save is due, the main
+        process lost the run to another one), agreed on by all processes without a per-step
+        sync.
 
         Each step starts the exchange of this process's flags and reads the one started a
         step earlier (arrived by now): every process stops or saves after the same step, at
@@ -262,12 +276,13 @@ class Trainer:
         minutes = self.config.save_interval_minutes
         on_time = (self.main and minutes > 0
                    and time.monotonic() - self.last_save >= minutes * 60)
-        flags = [float(self.preemption.requested), float(on_time)]
+        flags = [float(self.preemption.requested), float(on_time),
+                 float(bool(self.main and self._ownership_problem()))]
         if self.engine.num_processes == 1:
-            return flags[0] > 0, flags[1] > 0
+            return flags[0] > 0, flags[1] > 0, flags[2] > 0
         previous, self.pending_votes = self.pending_votes, self.engine.all_sum_later(flags)
-        agreed = previous() if previous is not None else [0.0, 0.0]
-        return agreed[0] > 0, agreed[1] > 0
+        agreed = previous() if previous is not None else [0.0, 0.0, 0.0]
+        return agreed[0] > 0, agreed[1] > 0, agreed[2] > 0
 
     def _log(self, sums: dict[str, float], grad_norm: float, bar: tqdm) -> None:
         config, state, steps = self.config, self.state, self.interval_steps
@@ -321,7 +336,8 @@ class Trainer:
                 self.log_mirror.close(left if stopped_early else config.upload_timeout_s)
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
-                merged = self.engine.merge(find_complete(self.ckpt_root)[-1],
+                merged = self.engine.merge(self.saved[-1] if self.saved
+                                           else find_complete(self.ckpt_root)[-1],
                                            self.output_dir / "merged")
                 self.say(f"merged model (base + adapters) written to {merged}")
             self.engine.wait_for_everyone()
