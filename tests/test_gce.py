@@ -206,3 +206,21 @@ def test_host_variables_follow_google_auth(monkeypatch) -> None:
 
 def test_describe_off_gce_is_empty() -> None:
     assert describe(None) == ""
+
+
+@pytest.mark.parametrize("garbage", ["[" * 60_000, '{"provisioningModel": ' + "[" * 900 + "]" * 900
+                                     + "}", '{"instanceTerminationAction": {"a": 1}}',
+                                     "\xff\xfe not json", '"SPOT"', "{" * 70_000])
+def test_garbage_scheduling_is_not_said_and_never_raises(serve, garbage) -> None:
+    """Whatever the scheduling answer holds (JSON nested past the parser's recursion limit,
+    non-string values, a body past the size bound), the preemption is still reported."""
+    server = serve(preempted="TRUE")
+    server.answers[ROOT + "scheduling/?recursive=true"] = garbage
+    began = time.monotonic()
+    assert preemption_facts() == PreemptionFacts(preempted=True)
+    assert time.monotonic() - began < 1.0
+
+
+def test_an_oversized_answer_is_not_read(serve) -> None:
+    serve(preempted="TRUE" + " " * (gce._MAX_BODY + 10))
+    assert preemption_facts() is None

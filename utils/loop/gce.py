@@ -9,7 +9,10 @@ This runs inside the SIGTERM handling, so it must never cost the save its time: 
 run at once on daemon threads and the answer is given up after ``timeout_s``, whatever
 hangs (a DNS lookup of metadata.google.internal off Google Cloud can take 20-30 s, and no
 socket timeout covers it). Off Compute Engine the result is None, silently: no log line and
-no exception. Standard library only, so it runs where google-auth is not installed.
+no exception. Whatever the server sends (a body past ``_MAX_BODY``, JSON nested deep enough
+to exhaust the parser's recursion, values of any type) is read as "not said": nothing can
+raise out of the lookup and cost the emergency checkpoint. Standard library only, so it runs
+where google-auth is not installed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ DEFAULT_HOST = "metadata.google.internal"
 FLAVOR_HEADER, FLAVOR = "Metadata-Flavor", "Google"
 PREEMPTED = "instance/preempted"
 SCHEDULING = "instance/scheduling/?recursive=true"
-_MAX_BODY = 64 * 1024
+_MAX_BODY = 64 * 1024  # the real answers take a few hundred bytes; a longer one is not read
+_MAX_VALUE = 64  # characters of a reported value ("SPOT", "DELETE"); anything longer is ignored
 # The metadata server is link-local: an http_proxy from the environment must never see it.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -66,18 +70,40 @@ def _get(url: str, timeout_s: float) -> str | None:
             # A captive portal or a proxy answering 200 to anything is not the metadata server.
             if response.status != 200 or response.headers.get(FLAVOR_HEADER) != FLAVOR:
                 return None
-            return response.read(_MAX_BODY).decode("utf-8", "replace")
+            body = response.read(_MAX_BODY + 1)
+            return body.decode("utf-8", "replace") if len(body) <= _MAX_BODY else None
     except Exception:  # noqa: BLE001 - off GCE every failure (DNS, refused, 403, ...) means None
         return None
+
+
+def _scheduling(text: str | None) -> dict[str, str]:
+    """The scheduling answer's short string values; {} for anything else (never raises: a
+    body of 60,000 ``[`` makes ``json.loads`` raise RecursionError, not ValueError)."""
+    try:
+        found = json.loads(text or "{}")
+    except Exception:  # noqa: BLE001 - garbage from the server means "not said"
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {key: str(value).strip().upper() for key, value in found.items()
+            if isinstance(value, str | bool) and len(str(value)) <= _MAX_VALUE}
 
 
 def preemption_facts(timeout_s: float = 0.5) -> PreemptionFacts | None:
     """Whether Compute Engine preempted this VM and what it does next; None off GCE.
 
     Returns within about ``timeout_s`` in all cases (both requests share that deadline);
-    None when the server does not answer ``instance/preempted`` in time. If only the
-    scheduling lookup fails, the facts carry "" for what it would have told.
+    None when the server does not answer ``instance/preempted`` in time, or on any error at
+    all (this runs on the SIGTERM path). If only the scheduling lookup fails, the facts carry
+    "" for what it would have told.
     """
+    try:
+        return _lookup(timeout_s)
+    except Exception:  # noqa: BLE001 - e.g. no thread can be started: the save goes on
+        return None
+
+
+def _lookup(timeout_s: float) -> PreemptionFacts | None:
     root = f"http://{metadata_host()}/computeMetadata/v1/"
     answers: dict[str, str | None] = {}
 
@@ -95,18 +121,12 @@ def preemption_facts(timeout_s: float = 0.5) -> PreemptionFacts | None:
     preempted = (got.get(PREEMPTED) or "").strip().upper()
     if preempted not in ("TRUE", "FALSE"):
         return None
-    try:
-        scheduling = json.loads(got.get(SCHEDULING) or "{}")
-    except ValueError:
-        scheduling = {}
-    if not isinstance(scheduling, dict):
-        scheduling = {}
-    model = str(scheduling.get("provisioningModel", "")).upper()
-    if not model and str(scheduling.get("preemptible", "")).upper() == "TRUE":
+    scheduling = _scheduling(got.get(SCHEDULING))
+    model = scheduling.get("provisioningModel", "")
+    if not model and scheduling.get("preemptible") == "TRUE":
         model = "PREEMPTIBLE"
     return PreemptionFacts(preempted=preempted == "TRUE",
-                           termination_action=str(
-                               scheduling.get("instanceTerminationAction", "")).upper(),
+                           termination_action=scheduling.get("instanceTerminationAction", ""),
                            provisioning_model=model)
 
 
