@@ -105,14 +105,14 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
-        "steps": state.step, "final_loss": last_loss, "eval_loss": eval_loss,
-        "tokens": state.tokens_seen, "seconds": elapsed,
+        "run_id": state.run_id, "steps": state.step, "final_loss": last_loss,
+        "eval_loss": eval_loss, "tokens": state.tokens_seen, "seconds": elapsed,
         "tokens_per_s": (state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
         "checkpoints": [p.name for p in saved], "uploads_complete": uploads_done,
         "stopped_early": stopped_early, "local_only": [name for name, _ in local_only],
     }
     table = summary_table([
-        ("run", f"{config.run_name} ({config.model}, {where})"),
+        ("run", f"{config.run_name} (run id {state.run_id}; {config.model}, {where})"),
         ("steps", f"{start_step} -> {state.step} of {config.max_steps}"),
         ("tokens", f"{state.tokens_seen:,}"),
         ("time", format_eta(elapsed)),

@@ -37,9 +37,11 @@ class SaveTimes:
     bytes: int = 0
     write_s: float | None = None
     upload_s: float | None = None
+    run_id: str = ""
 
     def record(self) -> dict:
         return {"event": "checkpoint", "step": self.step, "name": self.name,
+                "run_id": self.run_id,
                 "bytes": self.bytes, "blocking_s": self.blocking_s, "write_s": self.write_s,
                 "upload_s": self.upload_s}
 
@@ -74,7 +76,8 @@ class Saver:
         snapshot = self.engine.snapshot(state, config_dict, self.root)
         if snapshot is None:  # not the main process: it writes nothing
             return self.root / name
-        times = SaveTimes(state.step, name, time.perf_counter() - started, snapshot.nbytes)
+        times = SaveTimes(state.step, name, time.perf_counter() - started, snapshot.nbytes,
+                          run_id=state.run_id)
         self.times[name] = times
         if not self._host_bytes_told:
             self._host_bytes_told = True
