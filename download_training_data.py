@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from configs.cli import WEEK_S, OneLineParser, Range, count, number, run_main
 from utils.storage import (
     BILLING_PROJECT_ENV,
     StorageError,
@@ -24,49 +25,32 @@ from utils.storage import (
 )
 
 DEFAULT_DEST = Path("data/training")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative; use 0 or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
+RETRY_DEADLINE = Range(0, WEEK_S, low_open=True, note="seconds of retries; at most a week")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="download_training_data.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--bucket", required=True, metavar="URL",
                    help="gs://BUCKET/prefix, file://DIR or a local directory")
     p.add_argument("--dest", type=Path, default=DEFAULT_DEST,
                    help=f"destination directory (default {DEFAULT_DEST}/)")
     p.add_argument("--prefix", default="", help="only objects whose name starts with this")
-    p.add_argument("--max-files", type=_non_negative_int, default=None, metavar="N",
-                   help="only the first N objects in name order")
+    p.add_argument("--max-files", type=number(int, count(0, "0 = all")), default=0, metavar="N",
+                   help="only the first N objects in name order (default 0 = all, as "
+                        "train.py's --max-files)")
     p.add_argument("--dry-run", action="store_true",
                    help="report what would be downloaded; change nothing")
     p.add_argument("--verify", action="store_true",
                    help="re-hash every local file instead of trusting the hash cache")
-    p.add_argument("--workers", type=_positive_int, default=8, help="concurrent transfers")
+    p.add_argument("--workers", type=number(int, count(1)), default=8,
+                   help="concurrent transfers")
     p.add_argument("--credentials", default=None, metavar="PATH",
                    help="service-account key (a path, or a file name under credentials/)")
     p.add_argument("--billing-project", default=None, metavar="PROJECT",
                    help="project billed for a requester-pays bucket's requests (default "
                         f"${BILLING_PROJECT_ENV}, else none)")
-    p.add_argument("--retry-deadline", type=_positive_float, default=120.0, metavar="S",
+    p.add_argument("--retry-deadline", type=number(float, RETRY_DEADLINE), default=120.0,
+                   metavar="S",
                    help="give up on transient errors after S seconds of retries (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -85,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             store,
             args.dest,
             args.prefix,
-            max_files=args.max_files,
+            max_files=args.max_files or None,
             workers=args.workers,
             dry_run=args.dry_run,
             verify=args.verify,
@@ -104,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "download_training_data.py")

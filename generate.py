@@ -11,20 +11,21 @@ Greedy decoding unless ``--temperature`` > 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from configs.cli import RANGES, OneLineParser, Range, count, number, run_main
 from utils.checkpoint import CheckpointError
 from utils.checkpoint.format import ADAPTER_CONFIG
 from utils.stages.base import adapter_base, load_tokenizer, resolve_tokenizer
 from utils.stages.examples import TEMPLATES, format_prompt
-from utils.torch_engine.lora import load_base
 
 
 def load(model_dir: Path | None, adapter_dir: Path | None):
     """(model, tokenizer); the adapter is applied unmerged, as it was trained."""
+    from utils.torch_engine.lora import load_base  # torch: seconds, after the flags are checked
+
     if adapter_dir is not None:
         if not (adapter_dir / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"--adapter {adapter_dir} has no {ADAPTER_CONFIG}; pass a "
@@ -59,20 +60,20 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 40,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = OneLineParser(prog="generate.py", description=__doc__.splitlines()[0],
+                           allow_abbrev=False)
     parser.add_argument("--model", type=Path, help="checkpoint or Hugging Face GPT-NeoX folder")
     parser.add_argument("--adapter", type=Path, help="LoRA checkpoint to apply on --model")
     parser.add_argument("--prompt", action="append", required=True,
                         help="text to complete (repeat for several)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default="raw")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=number(int, count(1)), default=40)
+    parser.add_argument("--temperature", type=number(float, Range(0, note="0 = greedy")),
+                        default=0.0)
+    parser.add_argument("--seed", type=number(int, RANGES["seed"]), default=0)
     args = parser.parse_args(argv)
     if args.model is None and args.adapter is None:
         parser.error("pass --model DIR, --adapter DIR, or both")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
         model, tokenizer = load(args.model, args.adapter)
     except CheckpointError as err:
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    run_main(main, "generate.py")

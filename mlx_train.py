@@ -12,20 +12,26 @@ layout and uploads.
 from __future__ import annotations
 
 import os
-import sys
 
-from configs.cli import parse_args
+from configs.cli import parse_args, run_main
 from train import mlx_engine
-from utils.loop.run import run
-from utils.mlx_engine.blas import reexec_with_openblas
 
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv, prog="mlx_train.py")
+    from utils.loop.run import run
+
     return run(config, mlx_engine, validate=args.validate)
 
 
-if __name__ == "__main__":
+def _start() -> int:
+    """Re-exec with OpenBLAS first (before the flags are even parsed), then the run."""
+    from utils.mlx_engine.blas import reexec_with_openblas
+
     reexec_with_openblas()
+    return main()
+
+
+if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    run_main(_start, "mlx_train.py")

@@ -4,6 +4,7 @@
 #                       [--mixed-precision bf16|fp16|no] [--backend torch|mlx] [--dry-run]
 #                       [--num-machines M --machine-rank R --main-process-ip IP
 #                        --main-process-port P] [--slurm] [any train.py flag]
+# Every flag also takes the --flag=value form.
 # --gpus 0: CPU, one process.  1: one process.  N>=2 (or M>=2 machines): accelerate launch
 # with configs/accelerate/ddp.yaml (multinode.yaml), or fsdp.yaml with --fsdp; with
 # --backend mlx, N>=2 starts N mlx.launch ranks on this machine. --dry-run prints the
@@ -13,17 +14,19 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 die() { echo "start_training.sh: $*" >&2; exit 2; }
 need() { [ "$1" -ge 2 ] || die "$2 needs a value"; }
 whole() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"; }
 
-CONFIG=smoke GPUS="" FSDP=0 BACKEND=torch DRY_RUN=0 SLURM=0
+GPUS="" FSDP=0 BACKEND=torch DRY_RUN=0 SLURM=0
 NUM_MACHINES="" MACHINE_RANK="" MAIN_IP="" MAIN_PORT=""
 PASS=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) need $# "$1"; CONFIG=$2; PASS+=(--config "$2"); shift 2 ;;
+    # --flag=value (as GNU tools take it): this script's own value flags are split in two.
+    --gpus=*|--backend=*|--num-machines=*|--machine-rank=*|--main-process-ip=*|--main-process-port=*)
+      set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
     --gpus) need $# "$1"; GPUS=$2; shift 2 ;;
     --fsdp) FSDP=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --main-process-ip) need $# "$1"; MAIN_IP=$2; shift 2 ;;
     --main-process-port) need $# "$1"; MAIN_PORT=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
+    --*=*) PASS+=("$1"); shift ;;  # a train.py flag with its value attached
     --*) # Any train.py flag, with its value when it has one; train.py validates it.
       if [ $# -ge 2 ] && [[ "$2" != --* ]]; then PASS+=("$1" "$2"); shift 2; else PASS+=("$1"); shift; fi ;;
     *) usage; die "unexpected argument '$1'" ;;
@@ -130,10 +134,12 @@ fi
 echo "[start] $(printf '%q ' "${CMD[@]}")"
 [ "$DRY_RUN" = 1 ] && exit 0
 
-# The smoke preset trains on the bundled sample: prepare it on first use.
-DATA_DIR=$("$PY" -c 'import sys; from configs.cli import parse_args; c,_=parse_args(sys.argv[1:]); print(c.data_dir if not c.sync_data else "")' "${ALL[@]}")
-if [ "$CONFIG" = smoke ] && [ -n "$DATA_DIR" ] && [ ! -f "$DATA_DIR/dataset.json" ]; then
-  echo "[start] sample data missing: python -m data.prepare --out $DATA_DIR"
-  "$PY" -m data.prepare --out "$DATA_DIR"
+# Pretraining on the bundled sample's folder (the smoke preset's): prepare it on first use.
+# Only that folder: a missing --data-dir elsewhere (data/examples/, the user's own) is
+# train.py's error to report, never a place to write a sample into.
+SAMPLE_DIR=$("$PY" -c 'import sys; from configs.cli import parse_args; from configs.training_config import PRESETS; c,_=parse_args(sys.argv[1:]); s=PRESETS["smoke"].data_dir; print(s if c.data_dir == s and c.stage == "pretrain" and not (c.sync_data or c.stream or c.topics or c.data_mix) else "")' "${ALL[@]}")
+if [ -n "$SAMPLE_DIR" ] && [ ! -f "$SAMPLE_DIR/dataset.json" ]; then
+  echo "[start] sample data missing: python -m data.prepare --out $SAMPLE_DIR"
+  "$PY" -m data.prepare --out "$SAMPLE_DIR"
 fi
 exec "${CMD[@]}"

@@ -23,12 +23,16 @@ The spine, in the order a run does it:
 from __future__ import annotations
 
 import os
-import sys
+from typing import TYPE_CHECKING
 
-from configs.cli import parse_args
-from configs.training_config import TrainingConfig
-from utils.loop.engine import Engine
-from utils.loop.run import run
+from configs.cli import parse_args, run_main
+
+if TYPE_CHECKING:
+    from configs.training_config import TrainingConfig
+    from utils.loop.engine import Engine
+
+# configs.cli is quick to import; the loop and the engines (torch, MLX) are imported inside
+# main(), where run_main turns a Ctrl-C during their seconds of start-up into one line.
 
 
 def torch_engine(config: TrainingConfig) -> Engine:
@@ -45,6 +49,8 @@ def mlx_engine(config: TrainingConfig) -> Engine:
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
+    from utils.loop.run import run
+
     if config.backend == "mlx":
         from utils.mlx_engine.blas import reexec_with_openblas
 
@@ -55,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
+    run_main(main, "train.py")

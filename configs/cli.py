@@ -3,22 +3,159 @@
 ``--config NAME`` picks a preset; every ``TrainingConfig`` field can then be
 overridden as ``--field-name VALUE`` (booleans as ``--flag/--no-flag``).
 Bad input exits 2 with a single line that names the valid choices.
+
+Every number a flag takes has its range in :data:`RANGES` (one entry per int or float field
+of ``TrainingConfig``): ``inf``, ``nan``, negatives and zeros where they mean nothing are
+refused here, at parse time, instead of surfacing later as an OverflowError in a thread or an
+assertion inside torch. The other entry points use the same :class:`Range` through
+:func:`number`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import typing
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 from configs.model_config import LORA_TARGETS, MODEL_SIZES
-from configs.training_config import PRESETS, QUANT_BITS, TrainingConfig
+from configs.training_config import PRESETS, QUANT_BITS, TrainingConfig, run_name_problem
 from utils.errors import ConfigError
 from utils.secrets import credentials_problem
 
 BUCKET_ENV = "HARNESS_BUCKET"
 TRACKERS = ("tensorboard", "wandb")  # what --report-to may list (or "none")
+# Whole numbers (steps, windows, tokens, ...) above this are typos: numpy, torch and MLX index with
+# 64-bit integers, and no run takes two billion steps.
+INT_LIMIT = 2**31 - 1
+WEEK_MINUTES = 7 * 24 * 60
+WEEK_S = WEEK_MINUTES * 60.0
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a flag accepts: finite, from ``low`` to ``high`` (``*_open``: excluding
+    that end); ``note`` says what the bounds mean (e.g. "0 = no limit")."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def rule(self) -> str:
+        """The range in words: ">= 0", "> 0 and < 1", each end written as given."""
+        ends = [f"{'>' if self.low_open else '>='} {_plain(self.low)}" * (self.low > -math.inf),
+                f"{'<' if self.high_open else '<='} {_plain(self.high)}" * (self.high < math.inf)]
+        text = " and ".join(filter(None, ends)) or "a finite number"
+        return f"{text} ({self.note})" if self.note else text
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value`` ("must be ..., got ..."), None if it is in range.
+
+        Whole numbers above :data:`INT_LIMIT` are refused even where no upper bound is set.
+        """
+        if isinstance(value, int) and value > INT_LIMIT and self.high == math.inf:
+            return replace(self, high=INT_LIMIT).problem(value)
+        inside = (math.isfinite(value)
+                  and (value > self.low if self.low_open else value >= self.low)
+                  and (value < self.high if self.high_open else value <= self.high))
+        if inside:
+            return None
+        finite = "" if math.isfinite(value) else "a finite number "
+        return f"must be {finite}{self.rule()}, got {value!r}"
+
+
+def _plain(bound: float) -> str:
+    """A bound as a person writes it: 10080, 0.5, 1e-08."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def count(low: int, note: str = "") -> Range:
+    """A whole number from ``low`` up (to :data:`INT_LIMIT`)."""
+    return Range(low, note=note)
+
+
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # a probability or an Adam beta: 1 itself is meaningless
+
+# One entry per int or float field of TrainingConfig (test_config checks there is no gap).
+RANGES: dict[str, Range] = {
+    "seq_len": count(1, "tokens per sequence; at most the model's positions"),
+    "lora_r": count(1),
+    "lora_alpha": count(1),
+    "lora_dropout": FRACTION,
+    "dpo_beta": POSITIVE,
+    "grpo_group_size": count(2, "advantages compare the completions of a prompt"),
+    "grpo_temperature": Range(0, low_open=True, note="sampling"),
+    "grpo_max_new_tokens": count(1),
+    "grpo_beta": Range(0, note="0 = no KL penalty"),
+    "grpo_epsilon": POSITIVE,
+    "grpo_epochs": count(1, "optimisation passes over each batch of generations"),
+    "quantize_bits": Range(0, 8, note="0 = full-precision base"),
+    "max_files": count(0, "0 = all"),
+    "prefetch_shards": count(0),
+    "shuffle_block_shards": count(1),
+    "cache_limit_gb": Range(0, 1e6, note="GB; 0 = no limit"),
+    "max_steps": count(1),
+    "per_device_train_batch_size": count(1),
+    "gradient_accumulation_steps": count(1),
+    "learning_rate": POSITIVE,
+    "min_lr_ratio": Range(0, 1),
+    "warmup_steps": count(0),
+    "weight_decay": Range(0),
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": POSITIVE,
+    "max_grad_norm": POSITIVE,
+    "seed": Range(0, 2**32 - 1, note="numpy's seed range"),
+    "loss_chunk_tokens": count(0, "0 = all at once"),
+    "num_workers": count(0),
+    "prefetch_factor": count(1, "batches each DataLoader worker reads ahead"),
+    "log_upload_minutes": Range(0, WEEK_MINUTES, note="0 = only at the end; at most a week"),
+    "logging_steps": count(1),
+    "eval_steps": count(1),
+    "eval_windows": count(0),
+    "save_steps": count(1),
+    "save_interval_minutes": Range(0, WEEK_MINUTES, note="0 = off; at most a week"),
+    "save_total_limit": count(0),
+    "remote_keep": count(0, "0 = all"),
+    "keep_every_steps": count(0, "0 = off"),
+    "preemption_budget_s": Range(1, 3600, low_open=True,
+                                 note="seconds from the signal to the exit; Spot VMs give 30"),
+    "upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
+    "final_upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
+    "peak_tflops": Range(0, 1e6, note="0 = the built-in table"),
+}
+
+
+def number(kind: type[int] | type[float], valid: Range) -> Callable[[str], float]:
+    """An argparse ``type=`` for the other entry points: parses ``kind`` and checks ``valid``,
+    so ``--max-mb nan`` is one parse error naming the flag, not a ValueError later."""
+
+    def parse(text: str) -> float:
+        value = kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+        problem = valid.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def run_main(main: Callable[[], int], prog: str) -> typing.NoReturn:
+    """``sys.exit(main())``, but a Ctrl-C before the run installs its own handler (imports,
+    engine start-up, a data sync) ends with one line and status 130, not a traceback."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        status = 130
+    sys.exit(status)
 
 
 def report_to(value: str) -> list[str]:
@@ -34,7 +171,7 @@ def report_to(value: str) -> list[str]:
     return [name for name in dict.fromkeys(names) if name != "none"]
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but errors are a single line (no usage dump) and exit 2."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -48,7 +185,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, allow_abbrev=False,
+    parser = OneLineParser(prog=prog, allow_abbrev=False,
                             description="Pretrain or fine-tune GPT-NeoX; see README.md.")
     parser.add_argument("--config", default="smoke", choices=sorted(PRESETS),
                         help="preset to start from (default: smoke)")
@@ -89,20 +226,7 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
     if config.model not in MODEL_SIZES:
         raise ConfigError(f"unknown model {config.model!r}; "
                           f"choose one of: {', '.join(MODEL_SIZES)}")
-    positive = ("seq_len", "max_steps", "per_device_train_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps")
-    for name in positive:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be a positive integer, "
-                              f"got {getattr(config, name)}")
-    for name in ("max_files", "warmup_steps", "num_workers", "eval_windows", "save_total_limit",
-                 "remote_keep"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
-    if not config.learning_rate > 0:
-        raise ConfigError(f"--learning-rate must be > 0, got {config.learning_rate}")
-    if not 0 <= config.min_lr_ratio <= 1:
-        raise ConfigError(f"--min-lr-ratio must be within [0, 1], got {config.min_lr_ratio}")
+    check_numbers(config)
     max_pos = MODEL_SIZES[config.model].max_position_embeddings
     if config.seq_len > max_pos:
         raise ConfigError(f"--seq-len {config.seq_len} exceeds model {config.model}'s "
@@ -116,13 +240,10 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         raise ConfigError("--stream reads shards from a bucket while training: pass --bucket "
                           "gs://NAME/PREFIX (or a local directory), or drop --stream to train "
                           "on --data-dir")
-    if config.prefetch_shards < 0 or config.shuffle_block_shards < 1 \
-            or not config.cache_limit_gb >= 0:
-        raise ConfigError(f"--prefetch-shards must be >= 0, --shuffle-block-shards >= 1 and "
-                          f"--cache-limit-gb >= 0 (0 = no limit); got {config.prefetch_shards}, "
-                          f"{config.shuffle_block_shards} and {config.cache_limit_gb}")
-    if not config.run_name:
-        raise ConfigError("--run-name must not be empty")
+    problem = run_name_problem("--run-name", config.run_name) or (
+        config.init_run and run_name_problem("--init-run", config.init_run))
+    if problem:
+        raise ConfigError(problem)
     report_to(config.report_to)
     problem = credentials_problem(config.credentials, "--credentials")
     if problem:
@@ -134,24 +255,15 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
         validate_lora(config)
 
 
-def validate_grpo(config: TrainingConfig) -> None:
-    """GRPO settings that cannot work (the reward names are checked when they are loaded)."""
-    problems = [
-        (config.grpo_group_size < 2, f"--grpo-group-size must be >= 2 (advantages compare the "
-                                     f"completions of a prompt), got {config.grpo_group_size}"),
-        (config.grpo_max_new_tokens < 1,
-         f"--grpo-max-new-tokens must be >= 1, got {config.grpo_max_new_tokens}"),
-        (not config.grpo_temperature > 0,
-         f"--grpo-temperature must be > 0 (sampling), got {config.grpo_temperature}"),
-        (config.grpo_beta < 0 or not config.grpo_epsilon > 0,
-         f"--grpo-beta must be >= 0 and --grpo-epsilon > 0, got {config.grpo_beta} and "
-         f"{config.grpo_epsilon}"),
-        (config.grpo_epochs < 1, f"--grpo-epochs must be >= 1 (optimisation passes over "
-                                 f"each batch of generations), got {config.grpo_epochs}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
+def check_numbers(config: TrainingConfig) -> None:
+    """Every int and float field against its :data:`RANGES` entry (a field without one is a
+    KeyError here, so a new numeric flag cannot skip the check)."""
+    hints = typing.get_type_hints(TrainingConfig)
+    for field in fields(TrainingConfig):
+        if hints[field.name] in (int, float):
+            problem = RANGES[field.name].problem(getattr(config, field.name))
+            if problem:
+                raise ConfigError(f"{_flag(field.name)} {problem}")
 
 
 def validate_lora(config: TrainingConfig) -> None:
@@ -165,15 +277,6 @@ def validate_lora(config: TrainingConfig) -> None:
         raise ConfigError(f"--lora-target-modules {config.lora_target_modules!r}: "
                           f"{'unknown ' + ', '.join(unknown) if unknown else 'none given'}; use "
                           f"a comma-separated subset of {','.join(LORA_TARGETS)}")
-    if config.lora_r < 1 or config.lora_alpha <= 0:
-        raise ConfigError(f"--lora-r must be >= 1 and --lora-alpha > 0, got {config.lora_r} "
-                          f"and {config.lora_alpha}")
-    if not 0 <= config.lora_dropout < 1:
-        raise ConfigError(f"--lora-dropout must be within [0, 1), got {config.lora_dropout}")
-    if config.stage == "dpo" and not config.dpo_beta > 0:
-        raise ConfigError(f"--dpo-beta must be > 0, got {config.dpo_beta}")
-    if config.stage == "grpo" or config.topics:
-        validate_grpo(config)
     if config.quantize_bits not in (0, *QUANT_BITS):
         raise ConfigError(f"--quantize-bits must be {' or '.join(map(str, QUANT_BITS))} "
                           f"(0 = full-precision base), got {config.quantize_bits}")

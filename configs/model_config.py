@@ -10,8 +10,10 @@ at 4x and ``to_hf_config`` writes both spellings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import GPTNeoXConfig
+if TYPE_CHECKING:  # imported where used: flag parsing stays fast (start_training.sh runs it)
+    from transformers import GPTNeoXConfig
 
 # Embedding and LM-head rows are padded to a multiple of this (50,257 -> 50,304, as Pythia
 # did): tensor-core matmuls want dimensions divisible by 64/128. The extra ids are never in the
@@ -57,6 +59,8 @@ def to_hf_config(
 ) -> GPTNeoXConfig:
     """Build the transformers config; ``vocab_size`` (the tokenizer's) overrides the size's,
     and the model's is that padded to ``VOCAB_MULTIPLE``."""
+    from transformers import GPTNeoXConfig
+
     config = GPTNeoXConfig(
         vocab_size=padded_vocab(vocab_size or size.vocab_size),
         hidden_size=size.hidden_size,

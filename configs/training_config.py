@@ -6,10 +6,22 @@ Every field is also a command-line flag under its own name with dashes
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
+# A run name is one path component everywhere it is used (outputs/<name>,
+# BUCKET/checkpoints/<name>, BUCKET/logs/<name>, shell commands): ".." or "a/b" would put a
+# run's checkpoints (and --overwrite's deletions) outside its own folder.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RUN_NAME_RULE = ("use one name of letters, digits, '.', '_' and '-' starting with a letter or "
+                 "digit, at most 100 characters (nested names are not supported)")
+
+
+def run_name_problem(flag: str, name: str) -> str | None:
+    """The one-line error for a run name that breaks :data:`RUN_NAME`, None if it is fine."""
+    return None if RUN_NAME.fullmatch(name) else f"{flag} {name!r}: {RUN_NAME_RULE}"
 
 
 @dataclass

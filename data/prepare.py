@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from configs.cli import OneLineParser, Range, count, number, run_main
 from utils.data import META_NAME, SHARD_SUFFIXES
 from utils.errors import DataError, first_line
 
@@ -40,6 +41,9 @@ SHARD_RE = re.compile(r"shard_(\d{5})\.npy")
 MB = 1_000_000
 ENCODE_BATCH_BYTES = 4 * MB  # text per tokenizer call: big enough for its thread pool, bounded RAM
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+MAX_MB = Range(0, 1e6, low_open=True, note="MB of Python sources")
+# 256 bytes + the 2 special tokens; ids must fit the uint32 shards.
+VOCAB_SIZE = Range(258, 2**32 - 1, note="256 bytes + 2 special tokens at least")
 
 
 def shard_name(i: int) -> str:
@@ -113,7 +117,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 continue
             try:
                 doc = json.loads(line).get("text")
-            except (json.JSONDecodeError, AttributeError):
+            except (ValueError, RecursionError, AttributeError):  # a 5,000-digit int, deep nesting
                 doc = None
             if not isinstance(doc, str):
                 raise DataError(
@@ -264,13 +268,10 @@ def prepare(
     inputs: list[str], out: Path, tokenizer_out: Path, tokenizer: str | None, vocab_size: int,
     shard_tokens: int, max_mb: float, force: bool,
 ) -> tuple[dict[str, Any], bool]:
-    """Build (or find complete) shards + tokenizer + dataset.json; (metadata, built_now)."""
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens {shard_tokens} must be >= 1")
-    if max_mb <= 0:
-        raise DataError(f"--max-mb {max_mb} must be > 0")
-    if tokenizer is None and vocab_size < 258:
-        raise DataError(f"--vocab-size {vocab_size} must be >= 258 (256 bytes + 2 special tokens)")
+    """Build (or find complete) shards + tokenizer + dataset.json; (metadata, built_now).
+
+    The numbers are checked when the flags are parsed (:func:`parse_args`).
+    """
     files, sources = collect_inputs(inputs, max_mb)  # bad inputs fail even if output exists
     if not force and (meta := existing_output(out, tokenizer_out)) is not None:
         return meta, False
@@ -328,20 +329,22 @@ def push(out: Path, tokenizer_out: Path, url: str, prefix: str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--input", nargs="+", default=["stdlib"], metavar="PATH",
                    help="'stdlib' (Python's own sources) and/or .txt/.md/.py/.jsonl files/folders")
-    p.add_argument("--max-mb", type=float, default=4.0,
+    p.add_argument("--max-mb", type=number(float, MAX_MB), default=4.0,
                    help="how much of the stdlib corpus to use (MB of source)")
     p.add_argument("--out", type=Path, default=Path("data/training/sample"))
     p.add_argument("--tokenizer-out", type=Path, default=Path("data/tokenizer"))
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="use this tokenizer (AutoTokenizer) instead of training one")
-    p.add_argument("--vocab-size", type=int, default=2048, help="for the trained tokenizer")
-    p.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard")
+    p.add_argument("--vocab-size", type=number(int, VOCAB_SIZE), default=2048,
+                   help="for the trained tokenizer")
+    p.add_argument("--shard-tokens", type=number(int, count(1)), default=1_000_000,
+                   help="tokens per shard")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
     p.add_argument("--push", metavar="URL", help="also upload to this bucket (gs://... or a dir)")
     p.add_argument("--push-prefix", default="data", help="path prefix inside the bucket")
@@ -379,4 +382,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "python -m data.prepare")

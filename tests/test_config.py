@@ -77,7 +77,7 @@ def test_every_field_is_a_flag():
     (["--frobnicate", "1"], "unrecognized arguments: --frobnicate"),
     (["--max-steps", "ten"], "invalid int value: 'ten'"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
-    (["--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
     (["--model", "gpt5"], "unknown model 'gpt5'; choose one of: tiny"),
     (["--seq-len", "4096"], "--seq-len 4096 exceeds model tiny's 512 positions"),
     (["--config", "production"], "syncs data from a bucket but none is set"),

@@ -92,7 +92,7 @@ def test_bad_launch_setting_is_one_line_and_exit_2(args: list[str], problem: str
     assert "[start]" not in result.stdout
 
 
-PASSED = ["--run-name", "a b", "--bucket", ""]  # a space and an empty value, kept intact
+PASSED = ["--output-dir", "a b", "--bucket", ""]  # a space and an empty value, kept intact
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -127,18 +127,50 @@ def test_dry_run_prints_the_launch_command(args: list[str], expected: list[str],
         assert (REPO / expected[expected.index("--config_file") + 1]).is_file()
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--gpus=2", "--backend=mlx"],
+     [".venv/bin/mlx.launch", "--backend", "ring", "-n", "2", ".venv/bin/python",
+      "mlx_train.py", "--config=sft"]),
+    (["--gpus=8", "--fsdp", "--num-machines=2", "--machine-rank=1",
+      "--main-process-ip=10.1.2.3", "--main-process-port=29555"],
+     [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/fsdp.yaml",
+      "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1",
+      "--main_process_port", "29555", "--main_process_ip", "10.1.2.3", "train.py",
+      "--config=sft"]),
+])
+def test_flags_take_the_equals_form(args: list[str], expected: list[str],
+                                    tmp_path: Path) -> None:
+    """--flag=value as every GNU tool takes it: the script's own flags are read, train.py's
+    (--config=sft, --max-steps=3) passed on unchanged."""
+    result = start(["--config=sft", *args, "--max-steps=3", "--dry-run"], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert launched(result.stdout) == [*expected, "--max-steps=3"]
+
+
+def test_sample_preparation_never_writes_into_the_bundled_examples(tmp_path: Path) -> None:
+    """--config=sft reads data/examples/sft (no dataset.json there: it is JSONL): the script
+    must not "prepare the missing sample" into it; train.py then fails on the base model."""
+    examples = REPO / "data" / "examples"
+    before = sorted(examples.rglob("*"))
+    result = start(["--config=sft", "--gpus=0", "--init-from", str(tmp_path / "no-base"),
+                    "--bucket=", "--output-dir", str(tmp_path / "out")], tmp_path, timeout=120)
+    assert "sample data missing" not in result.stdout
+    assert sorted(examples.rglob("*")) == before
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def _trained_config(out: Path) -> dict:
-    (ckpt,) = (out / "checkpoints").iterdir()
+    (ckpt,) = (p for p in (out / "checkpoints").iterdir() if p.is_dir())
     return json.loads((ckpt / "trainer_state.json").read_text())["config"]
 
 
 def test_arguments_with_spaces_reach_train_py_intact(tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out dir"
     result = start(["--gpus", "0", "--max-steps", "1", "--data-dir", str(tiny_data_dir),
-                    "--output-dir", str(out), "--run-name", "a b", *TINY], tmp_path)
+                    "--output-dir", str(out), "--run-name", "a.b", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metrics(out)) == 1
-    assert _trained_config(out)["run_name"] == "a b"
+    assert _trained_config(out)["run_name"] == "a.b"
     assert _trained_config(out)["output_dir"] == str(out)
 
 
@@ -150,7 +182,7 @@ def test_gpus_2_launches_two_processes_through_accelerate(tiny_data_dir: Path,
     port = str(free_port())
     result = start(["--gpus", "2", "--main-process-port", port, "--max-steps", "2",
                     "--data-dir", str(tiny_data_dir), "--output-dir", str(out),
-                    "--run-name", "a b", "--per-device-train-batch-size", "4", *TINY], tmp_path)
+                    "--run-name", "a.b", "--per-device-train-batch-size", "4", *TINY], tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     command = launched(result.stdout)
     assert command[:command.index("train.py")] == [
@@ -159,4 +191,4 @@ def test_gpus_2_launches_two_processes_through_accelerate(tiny_data_dir: Path,
         "--main_process_port", port]
     assert "4 per device x 1 accumulation x 2 processes = 8 sequences" in result.stdout
     assert [m["step"] for m in metrics(out)] == [1, 2]
-    assert _trained_config(out)["run_name"] == "a b"
+    assert _trained_config(out)["run_name"] == "a.b"

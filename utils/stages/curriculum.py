@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from configs.training_config import TrainingConfig
+from configs.training_config import RUN_NAME, RUN_NAME_RULE, TrainingConfig
 from utils import checkpoint
 from utils.errors import DataError
 from utils.fs import atomic_write
@@ -53,6 +53,9 @@ def plan(topics_dir: Path) -> list[Stage]:
                         f"{topics_dir}/01-first/sft.jsonl and dpo.jsonl")
     stages = []
     for topic in topics:
+        if not RUN_NAME.fullmatch(topic.name):  # it becomes part of each stage's run name
+            raise DataError(f"--topics: topic folder {topic.name!r} in {topics_dir}: "
+                            f"{RUN_NAME_RULE}; rename it")
         for stage in STAGES:
             data = topic / f"{stage}.jsonl"
             if not data.is_file():
@@ -72,7 +75,7 @@ def read_state(path: Path) -> dict:
         if not isinstance(state.get("finished"), list):
             raise ValueError("'finished' is not a list")
         return state
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError, RecursionError) as err:
         raise DataError(f"{path} is unreadable ({err}); restore it, or use a new --output-dir "
                         f"to start the curriculum over") from None
 
