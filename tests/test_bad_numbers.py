@@ -160,3 +160,19 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert stderr.strip() == "train.py: interrupted", stderr
+
+
+def test_a_curriculum_topic_folder_follows_the_run_name_rule(tmp_path):
+    """A topic's name becomes part of its stages' run names (RUN-TOPIC-STAGE)."""
+    from utils.errors import DataError
+    from utils.stages.curriculum import plan
+
+    for name in ("01-ok", "02 bad"):
+        (tmp_path / name).mkdir()
+        for stage in ("sft", "dpo"):
+            (tmp_path / name / f"{stage}.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"topic folder '02 bad' in .*: use one name of letters"):
+        plan(tmp_path)
+    (tmp_path / "02 bad").rename(tmp_path / "02-good")
+    assert [s.key for s in plan(tmp_path)] == ["01-ok/sft", "01-ok/dpo", "02-good/sft",
+                                               "02-good/dpo"]

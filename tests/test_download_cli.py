@@ -86,6 +86,14 @@ def test_cli_prefix_max_files_dry_run(gcs_bucket: str, tmp_path: Path, run_cli: 
     assert got == ["corpus/a/part-000.txt", "corpus/a/part-001.txt"]
 
 
+def test_cli_max_files_0_means_all_as_in_train_py(tmp_path: Path, run_cli: Run) -> None:
+    dest = tmp_path / "dest"
+    proc = run_cli("--bucket", str(_fill(tmp_path / "bucket")), "--dest", str(dest),
+                   "--max-files", "0")
+    assert proc.returncode == 0 and proc.stdout.startswith("downloaded 4 "), proc.stderr
+    _assert_synced(dest)
+
+
 @pytest.mark.parametrize("form", ["path", "file_url"])
 def test_cli_against_local_directory(form: str, tmp_path: Path, run_cli: Run) -> None:
     bucket = _fill(tmp_path / "bucket")
@@ -142,8 +150,15 @@ def test_cli_failed_file_exits_1_and_finishes_the_rest(tmp_path: Path, run_cli: 
 
 
 def test_cli_bad_arguments(tmp_path: Path, run_cli: Run) -> None:
-    proc = run_cli("--bucket", str(tmp_path), "--workers", "0")
-    assert proc.returncode == 2 and "--workers: 0 is not a positive integer" in proc.stderr
+    for args, problem in [(["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+                          (["--max-files=-1"], "argument --max-files: must be >= 0 (0 = all), "
+                                               "got -1"),
+                          (["--retry-deadline", "nan"], "argument --retry-deadline: must be a "
+                                                        "finite number > 0"),
+                          (["--retry-deadline", "1e12"], "at most a week), got 1000000000000.0")]:
+        proc = run_cli("--bucket", str(tmp_path), *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and problem in lines[0], proc.stderr
     proc = run_cli("--bucket", "gs://some-bucket", "--credentials", "missing-key.json")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from utils.errors import ConfigError, DataError, TrainingError
-from utils.stages.examples import data_files, sft_segments
+from utils.stages.examples import MAX_LINE_BYTES, data_files, load_sft, sft_segments
 from utils.stages.grpo import (
     REWARDS,
     GrpoExample,
@@ -70,6 +70,10 @@ def test_both_forms_load_with_the_sft_prompt_text(tmp_path: Path) -> None:
     ({"prompt": "1 + 2 =", "answer": 3}, "'answer' must be a string, got int"),
     ({"question": ["x"], "answer": "3"}, "'question' must be a string, got list"),
     ({"prompt": "x" * 20, "answer": "3"}, "the prompt takes 20 tokens, over the 10"),
+    # Hostile lines: the decoder's ValueError and RecursionError, named like any bad line.
+    ('{"prompt": "a", "answer": "1", "n": ' + "9" * 5000 + "}",
+     "not readable as JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
 ])
 def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path: Path, line, message) -> None:
     path = write(tmp_path / "bad.jsonl", {"prompt": "ok", "answer": "1"}, line)
@@ -77,6 +81,33 @@ def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path: Path, line, mess
         load_grpo([path], chars, max_prompt_tokens=10)
     text = str(err.value)
     assert text.startswith(f"{path}:2: ") and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("load", [
+    lambda files: load_grpo(files, chars, max_prompt_tokens=10),
+    lambda files: load_sft(files, chars, eos_id=0, seq_len=64),
+], ids=["grpo", "sft"])
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "' + "x" * MAX_LINE_BYTES + '", "answer": "1"}',
+     f"line longer than {MAX_LINE_BYTES:,} bytes"),
+    ('{"prompt": "caf\xe9", "answer": "1"}'.encode("latin-1"),
+     "not UTF-8 text (invalid continuation byte at byte 15 of the line)"),
+    ('{"prompt": "a", "completion": "b", "n": ' + "1" * 4301 + "}", "4300 digits"),
+])
+def test_hostile_lines_are_one_error_naming_file_and_line(tmp_path: Path, load, line,
+                                                          message) -> None:
+    """The line bound, bad bytes and huge integers, in both SFT and GRPO data; the lines
+    before the bad one (one just under the bound included) read fine."""
+    path = tmp_path / "bad.jsonl"
+    ok = json.dumps({"prompt": "a", "answer": "1", "completion": "b"}).encode()
+    near = json.dumps({"prompt": "a", "answer": "1", "completion": "b", "pad": ""}).encode()
+    near = near[:-2] + b"x" * (MAX_LINE_BYTES - len(near)) + near[-2:]
+    bad = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(ok + b"\n" + near + b"\r\n" + bad + b"\n")
+    with pytest.raises(DataError) as err:
+        load([path])
+    text = str(err.value)
+    assert text.startswith(f"{path}:3: ") and message in text and "\n" not in text, text
 
 
 def test_no_examples_and_no_room_are_errors(tmp_path: Path) -> None:
@@ -232,9 +263,13 @@ def test_missing_or_clashing_reward_module(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("body, message", [
     ("    raise KeyError('level')", "failed on prompt {}: KeyError: 'level'"),
-    ("    return float('nan')", "returned nan on prompt {}; return a finite float"),
-    ("    return '1.0'", "returned '1.0' on prompt {}"),
-    ("    return None", "returned None on prompt {}"),
+    ("    return float('nan')", "returned nan for completion 0 of prompt {}; return a finite "
+                              "float within +-3.4e+38 (rewards are float32 in training)"),
+    ("    return '1.0'", "returned '1.0' for completion 0 of prompt {}"),
+    ("    return None", "returned None for completion 0 of prompt {}"),
+    # Finite in Python, inf in the float32 the advantages, loss and metrics use.
+    ("    return 1e39", "returned 1e+39 for completion 0 of prompt {}"),
+    ("    return -10 ** 400", "for completion 0 of prompt {}"),
 ])
 def test_a_reward_failing_at_scoring_is_one_training_error(tmp_path: Path, body: str,
                                                            message: str) -> None:
@@ -247,6 +282,14 @@ def test_a_reward_failing_at_scoring_is_one_training_error(tmp_path: Path, body:
     text = str(err.value)
     assert text.startswith("reward 'flaky' ") and "\n" not in text
     assert message.format(repr(prompt[:60])) in text  # the prompt cut at 60 characters
+
+
+def test_rewards_near_float32s_limit_keep_a_finite_total() -> None:
+    """Two rewards of 3e38 each: finite in float32, but a float32 sum of them is not."""
+    big = [("a", lambda p, c, e: 3e38), ("b", lambda p, c, e: 3e38)]
+    total, per_reward = score(big, ["p"] * 2, ["c"] * 2, [{}] * 2)
+    assert total.dtype == np.float32 and np.all(np.isfinite(total)) and total[0] == np.float32(3e38)
+    assert per_reward["a"].dtype == np.float32
 
 
 # ---------------------------------------------------------------------------- advantages

@@ -98,6 +98,29 @@ def test_mix_specs(tmp_path):
         with pytest.raises(DataError, match=match):
             parse_mix(bad)
     assert split_count(8, [0.75, 0.25]) == [6, 2]
+
+
+def test_mix_weights_are_finite_positive_and_normalised_without_overflow(tmp_path):
+    """web=1e308,code=1e308 summed to inf: every weight became 0 and each batch shrank to
+    the 2 windows handed out as remainders."""
+    weights = parse_mix("web=1e308,code=1e308")
+    assert weights == {"web": 0.5, "code": 0.5}
+    assert allocate(np.array(list(weights.values())), np.zeros(2), 8).tolist() == [4, 4]
+    assert parse_mix("a=1e308,b=1e308,c=1e308") == pytest.approx({"a": 1 / 3, "b": 1 / 3,
+                                                                   "c": 1 / 3})
+    path = tmp_path / "mix.json"
+    path.write_text('{"a": ' + "1" * 400 + ', "b": ' + "1" * 400 + "}")  # beyond float
+    assert parse_mix(str(path)) == {"a": 0.5, "b": 0.5}
+    for bad, match in [("web=inf,code=1", "weight inf"), ("web=nan", "weight nan"),
+                       ("web=-1e308", "weight -1e+308"),
+                       ("web=1e308,code=1e-320", "'code' has weight 1e-320, a share of the mix "
+                                                 "too small to ever be drawn")]:
+        with pytest.raises(DataError, match=re.escape(match)):
+            parse_mix(bad)
+    for text, match in [('{"a": true}', "weight True"), ("[" * 100_000, "cannot read")]:
+        path.write_text(text)
+        with pytest.raises(DataError, match=match):
+            parse_mix(str(path))
     assert split_count(5, [0.5, 0.3, 0.2]) == [3, 1, 1]
 
 

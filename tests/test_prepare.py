@@ -125,6 +125,9 @@ BAD_INPUTS = {  # file to create (None: leave it missing), its content, expected
     "missing": (None, "", "no such file"),
     "x.csv": ("x.csv", "a,b", "unsupported file type"),
     "x.jsonl": ("x.jsonl", '{"text": "ok"}\n{"body": 1}\n', "x.jsonl:2"),
+    # The decoder's ValueError (a 5,000-digit integer) and RecursionError were tracebacks.
+    "big.jsonl": ("big.jsonl", '{"text": "ok"}\n{"n": ' + "9" * 5000 + "}\n", "big.jsonl:2"),
+    "deep.jsonl": ("deep.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "\n", "deep.jsonl:2"),
 }
 
 
@@ -140,6 +143,24 @@ def test_bad_input_is_one_line_error(tmp_path: Path, name: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and name in lines[0], proc.stderr
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--max-mb", "nan"], "argument --max-mb: must be a finite number > 0"),
+    (["--max-mb", "inf"], "argument --max-mb: must be a finite number > 0"),
+    (["--max-mb", "0"], "argument --max-mb: must be > 0 and <= 1000000 (MB of Python sources), "
+                        "got 0.0"),
+    (["--vocab-size", "100"], "argument --vocab-size: must be >= 258"),
+    (["--shard-tokens", "0"], "argument --shard-tokens: must be >= 1, got 0"),
+])
+def test_bad_numbers_are_one_line_at_parse_time(args: list[str], problem: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from data.prepare import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and problem in err, err
 
 
 def test_refuses_out_dir_with_foreign_shards(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ def parse_mix(spec: str) -> dict[str, float]:
     """``"web=0.7,code=0.3"`` or a JSON file ``{"web": 0.7, ...}`` -> weights summing to 1.
 
     Weights are relative (``web=7,code=3`` is the same mix); names are sub-folders, so they
-    must be plain folder names.
+    must be plain folder names. Each weight must be a finite positive number; they are
+    normalised in exact rational arithmetic, so ``web=1e308,code=1e308`` is 0.5 each (a float
+    sum would overflow to inf and make every weight 0) and no share rounds away unnoticed.
     """
     raw = _read_mix_file(spec) if spec.endswith(".json") else _split_mix(spec)
     if not raw:
@@ -43,11 +46,24 @@ def parse_mix(spec: str) -> dict[str, float]:
         if not name or name.startswith(".") or "/" in name or "\\" in name:
             raise DataError(f"--data-mix: {name!r} is not a folder name; name sub-folders of "
                             f"--data-dir (e.g. web=0.7,code=0.3)")
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        if not _finite_positive(weight):
             raise DataError(f"--data-mix: source {name!r} has weight {weight!r}; weights must "
-                            f"be positive numbers")
-    total = float(sum(raw.values()))
-    return {name: float(weight) / total for name, weight in raw.items()}
+                            f"be positive finite numbers")
+    exact = {name: Fraction(weight) for name, weight in raw.items()}
+    total = sum(exact.values())
+    weights = {name: float(weight / total) for name, weight in exact.items()}
+    for name, weight in weights.items():
+        if not weight > 0:  # below float's smallest share: the source would never be drawn
+            raise DataError(f"--data-mix: source {name!r} has weight {raw[name]!r}, a share "
+                            f"of the mix too small to ever be drawn; raise it or drop it")
+    return weights
+
+
+def _finite_positive(weight: object) -> bool:
+    """A real weight above 0: not a bool, nan or inf (a JSON integer may have any size)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        return False
+    return weight > 0 and (isinstance(weight, int) or math.isfinite(weight))
 
 
 def source_weights(spec: str) -> dict[str, float]:
@@ -76,7 +92,7 @@ def _split_mix(spec: str) -> dict[str, float]:
 def _read_mix_file(path: str) -> dict[str, float]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"--data-mix {path}: cannot read the mixture file ({e}); give a JSON "
                         f"object of {{name: weight}}") from e
     if not isinstance(data, dict):

@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from utils.errors import DataError
+from utils.errors import DataError, first_line
 
 IGNORE = -100  # label of a token that is not trained on (prompt, padding)
 # How prompts are written around the user's text; generate.py uses the same templates.
 TEMPLATES = {"raw": "{}", "question": "Question: {}\nAnswer:", "chat": "User: {}\nAssistant:"}
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _ENCODE_CHUNK = 1024  # texts per tokenizer call
+# Longest JSONL line read (bytes, newline excluded): an example is a few KB of text and a
+# sequence at most a few thousand tokens; a longer line is a broken file (a whole corpus
+# on one line), refused before it is held in memory whole.
+MAX_LINE_BYTES = 1 << 20
 
 Segment = tuple[str, bool]  # (text, is_answer)
 Encode = Callable[[list[str]], list[list[int]]]  # a batch of texts -> token ids, no specials
@@ -53,25 +58,49 @@ def data_files(data_dir: str | Path) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """(``file:line``, record) for every non-blank line; one-line errors name file and line."""
+    """(``file:line``, record) for every non-blank line; one-line errors name file and line.
+
+    Nothing a line holds escapes as a traceback: a line over :data:`MAX_LINE_BYTES`, bytes
+    that are not UTF-8, and every decoder failure (malformed JSON, an integer of thousands
+    of digits, arrays nested a hundred thousand deep) are DataErrors naming the line.
+    """
+    with path.open("rb") as f:
+        # Room for the longest line and its "\r\n": no line ending is split off a line.
+        lines = iter(partial(f.readline, MAX_LINE_BYTES + 2), b"")
+        for number, raw in enumerate(lines, 1):
+            where = f"{path}:{number}"
+            if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+                raise DataError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes; write one "
+                                f"example per line (a long line is usually a file without "
+                                f"line breaks)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of "
+                                f"the line); save it as UTF-8") from None
+            if line.strip():
+                yield where, _record(line, where)
+
+
+def _record(line: str, where: str) -> dict:
+    """One line's JSON object; a DataError naming ``where`` for whatever the decoder raises."""
     try:
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
-                                    f"write one JSON object per line") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {_kind(record)}; "
-                                    f"write one JSON object per line")
-                yield where, record
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); "
-                        f"save it as UTF-8") from None
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
+                        f"write one JSON object per line") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; write one flat JSON object "
+                        f"per line") from None
+    except Exception as err:  # noqa: BLE001 - e.g. ValueError for a 5,000-digit integer
+        # Only the first clause: Python's advice after ";" (set_int_max_str_digits) is not
+        # the data's author's to follow.
+        raise DataError(f"{where}: not readable as JSON ({first_line(err).split(';')[0]}); "
+                        f"write one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}; "
+                        f"write one JSON object per line")
+    return record
 
 
 def _kind(value: Any) -> str:

@@ -49,6 +49,8 @@ ADVANTAGE_EPS = 1e-4
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _NUMBER_WORD = re.compile(r"[-+]?\d+(?:\.\d+)?\b")  # a number not glued to letters ("11abc")
 _SHOWN = 60  # characters of a prompt quoted in an error
+# Rewards become float32 (advantages, the loss, metrics): 1e39 is finite in Python, inf there.
+_REWARD_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -322,7 +324,8 @@ def score(rewards: Sequence[tuple[str, Reward]], prompts: Sequence[str],
     The total is the MEAN of the rewards (TRL sums them, unweighted by default): the built-ins
     then stay in [0, 1] in the logs, and the group-normalised advantages are the same either
     way (up to the 1e-4 added to the std). A reward that raises or returns anything but a
-    finite number stops the run with a TrainingError naming it and the prompt.
+    number finite in float32 (the dtype training uses: 1e39 is inf there) stops the run with a
+    TrainingError naming the reward, the completion's index and its prompt.
     """
     if not rewards:
         raise ValueError("score() needs at least one reward")
@@ -340,14 +343,28 @@ def score(rewards: Sequence[tuple[str, Reward]], prompts: Sequence[str],
             except Exception as err:  # noqa: BLE001 - any failure of a reward becomes one line
                 raise TrainingError(f"reward {name!r} failed on prompt {shown!r}: "
                                     f"{type(err).__name__}: {first_line(err)}") from None
-            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-                    or not math.isfinite(value)):
-                raise TrainingError(f"reward {name!r} returned {_short(value)} on prompt "
-                                    f"{shown!r}; return a finite float")
-            values[i] = float(value)
-        per_reward[name] = values.astype(np.float32)
+            checked = _float32_reward(value)
+            if checked is None:
+                raise TrainingError(f"reward {name!r} returned {_short(value)} for completion "
+                                    f"{i} of prompt {shown!r}; return a finite float within "
+                                    f"+-{_REWARD_MAX:.3g} (rewards are float32 in training)")
+            values[i] = checked
+        per_reward[name] = values
+    # The mean in float64: a float32 sum of in-range rewards can itself overflow.
     total = np.mean(np.stack([per_reward[name] for name, _ in rewards]), axis=0)
-    return total.astype(np.float32), per_reward
+    return total.astype(np.float32), {k: v.astype(np.float32) for k, v in per_reward.items()}
+
+
+def _float32_reward(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool) that float32 holds finitely;
+    None otherwise (nan, inf, 1e39, an int of 400 digits, a string, an array)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if abs(number) <= _REWARD_MAX else None
 
 
 def _short(value: object) -> str:
