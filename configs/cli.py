@@ -199,8 +199,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(kind), default=None)
-        else:
-            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper())
+        else:  # a number's help is its range ("--max-files: >= 0 (0 = all)")
+            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
+                                help=RANGES[field.name].rule() if kind in (int, float) else None)
     return parser
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.cli import INT_LIMIT, RANGES, Range, parse_args
+from configs.cli import INT_LIMIT, RANGES, Range, build_parser, parse_args
 from configs.training_config import PRESETS, TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,8 @@ def test_every_int_and_float_field_has_a_range_and_every_preset_is_in_it():
         for field in NUMERIC:
             assert RANGES[field].problem(getattr(config, field)) is None, (name, field)
     assert RANGES["max_files"].problem(0) is None  # 0 = all files
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--max-files MAX_FILES >= 0 (0 = all)" in help_text  # each range is in --help
 
 
 @pytest.mark.parametrize("name", NUMERIC)
