@@ -75,10 +75,14 @@ def train(tmp: Path, name: str, args: list[str], env: dict[str, str] | None = No
 
 def kill_and_resume(tmp: Path, out: Path, args: list[str], kill_at: int,
                     new_machine: Callable[[], None] = lambda: None) -> Run:
-    """Run train.py until step ``kill_at`` is logged, SIGKILL it, call ``new_machine()`` (e.g.
-    delete local data), then run it again with ``--resume latest`` to its end."""
+    """Run train.py until step ``kill_at`` is logged and a checkpoint is complete, SIGKILL it,
+    call ``new_machine()`` (e.g. delete local data), then run it again with ``--resume
+    latest`` to its end. (Marking runs at a low priority: on a loaded machine the steps can
+    outrun it, so the kill waits for the work, not for a step count alone.)"""
     first = Run(tmp, "first", args)
-    first.wait_for(lambda: last_step(out) >= kill_at, f"step {kill_at}")
+    first.wait_for(lambda: last_step(out) >= kill_at
+                   and bool(checkpoint.find_complete(out / "checkpoints")),
+                   f"step {kill_at} and a complete checkpoint")
     first.signal(signal.SIGKILL)
     first.wait()
     new_machine()

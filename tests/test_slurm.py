@@ -70,7 +70,7 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
                       SLURM_STEP_ID="0", SLURM_LOCALID="0")
 
 
-PASSED = ["--run-name", "a b", "--bucket", ""]
+PASSED = ["--output-dir", "outputs/a b", "--bucket", ""]  # a space survives the quoting
 
 
 @pytest.mark.parametrize(("args", "processes"), [([], "16"), (["--gpus", "2"], "4")])
@@ -172,7 +172,7 @@ def test_sbatch_trains_smoke_on_two_ranks_over_gloo(slurm: SlurmCluster, tmp_pat
               f"--output={tmp_path}/job-%j.out", str(SBATCH),
               "--config", "smoke", "--max-steps", "2", "--save-steps", "2",
               "--main-process-port", str(_free_port()), "--data-dir", str(data),
-              "--output-dir", str(out), "--run-name", "a b", *TINY]
+              "--output-dir", str(out), "--run-name", "a.b", *TINY]
     began = time.monotonic()
     proc = subprocess.Popen(submit, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -203,7 +203,7 @@ def test_sbatch_trains_smoke_on_two_ranks_over_gloo(slurm: SlurmCluster, tmp_pat
     assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt",
                                                                    "rng_state_1.pt"]
     config = json.loads((ckpt / "trainer_state.json").read_text())["config"]
-    assert config["run_name"] == "a b" and config["bucket"] == ""
+    assert config["run_name"] == "a.b" and config["bucket"] == ""
     per_rank = sorted(p.parent.name for p in (out / f"slurm-{job_id}").glob("*/attempt_0/*/"
                                                                               "stdout.log"))
     assert per_rank == ["0", "1"]
