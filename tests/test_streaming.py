@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +26,14 @@ from utils.streaming import (
     RemoteShard,
     ShardCache,
     ShardWait,
+    StopWatch,
+    WaitStopped,
     minimum_bytes,
     remote_shards,
     stream_windows,
 )
+from utils.streaming.cache import STOP_NAME
+from utils.streaming.index import METADATA_LIMIT_BYTES
 
 SEQ = 32
 BLOCK, PREFETCH, BATCH = 2, 2, 16
@@ -287,6 +292,36 @@ def test_restart_costs_one_listing_and_limits_apply(tmp_path: Path, dataset: Pat
         "--sync-data")
 
 
+def test_only_the_metadata_is_fetched_besides_shards(tmp_path: Path, dataset: Path) -> None:
+    """dataset.json files and the tokenizer folder the top one names come down; a 20 MB
+    archive next to the shards stays in the bucket (it would sit outside --cache-limit-gb);
+    metadata past the bound is one line naming the largest file."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(dataset, bucket)
+    (bucket / "dataset.json").write_text(json.dumps({"vocab_size": 100_000, "tokenizer": "tok"}))
+    (bucket / "tok").mkdir()
+    (bucket / "tok" / "tokenizer.json").write_text('{"model": {}}')
+    (bucket / "tok" / "tokenizer_config.json").write_text("{}")
+    with open(bucket / "archive.tar", "wb") as f:
+        f.truncate(20 * 10**6)  # sparse: 20 MB listed, nothing on this disk
+    root = tmp_path / "cache"
+    store = CountingStore(bucket)
+    assert len(remote_shards(store, root)) == 26
+    assert store.downloads == 4  # two dataset.json, the tokenizer's two files
+    assert (root / "tok" / "tokenizer.json").read_text() == '{"model": {}}'
+    assert not (root / "archive.tar").exists()
+
+    with open(bucket / "tok" / "tokenizer.json", "wb") as f:
+        f.truncate(METADATA_LIMIT_BYTES + 1)
+    with pytest.raises(DataError) as err:
+        remote_shards(open_store(str(bucket)), tmp_path / "fresh")
+    assert str(err.value) == (
+        f"{bucket}: the dataset.json files and the tokenizer folder tok/ take 64.0 MiB "
+        f"(largest tok/tokenizer.json, 64.0 MiB), more than the 64 MiB streaming fetches "
+        f"besides shards; keep only dataset.json and the tokenizer files there, or use "
+        f"--sync-data")
+
+
 # ---------------------------------------------------------------- the cache
 
 
@@ -355,6 +390,36 @@ def test_dataloader_workers_wait_for_shards(
             np.testing.assert_array_equal(got, np.stack([reference[i] for i in batches[step]]))
             stream.cache.set_position(0, (step + 1) * BATCH)
         assert stream.cache.stats()["evictions"] > 0
+    finally:
+        stream.close()
+
+
+def test_a_stop_request_ends_a_dataloader_workers_wait_for_a_shard(
+    tmp_path: Path, dataset: Path
+) -> None:
+    """The bucket never delivers (no cache runs): the worker process waits for its shard
+    until the loop's stop flag turns true, then the loop gets WaitStopped naming the shard,
+    at once; a new cache on the same folder clears the marker for the next run's readers."""
+    torch = pytest.importorskip("torch")
+    store = open_store(str(dataset))
+    root = tmp_path / "cache"
+    shards = remote_shards(store, root)
+    windows = stream_windows(shards, SEQ, root)
+    loader = torch.utils.data.DataLoader(windows, batch_sampler=[[0, 1]], num_workers=1,
+                                         collate_fn=np.stack)
+    flag, set_at = threading.Event(), []
+    watch = StopWatch(flag.is_set, [root])
+    threading.Timer(0.5, lambda: (set_at.append(time.monotonic()), flag.set())).start()
+    try:
+        with pytest.raises(WaitStopped, match=f"waiting for shard {shards[0].name}"):
+            next(iter(loader))  # the SIGTERM comes while the worker waits
+    finally:
+        watch.close()
+    assert time.monotonic() - set_at[0] < 2  # polls: the flag 0.05 s, the marker 0.03 s
+    stream = Stream(store, root, limit=None, pinned=(0,))
+    try:
+        assert not (root / STOP_NAME).exists()
+        np.testing.assert_array_equal(stream.windows[0], windows[0])  # waits, then reads
     finally:
         stream.close()
 

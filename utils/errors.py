@@ -61,3 +61,16 @@ def disk_full(err: BaseException, where: Path | None = None) -> bool:
         return where is not None and shutil.disk_usage(where).free < 64 * 2**20
     except OSError:
         return False
+
+
+def no_space(folder: Path, writing: str, need_bytes: int, fix: str) -> str:
+    """The disk-full line: the folder, what was being written, the room it needs and the room
+    left, and the fix. A full disk is never the data's or the bucket's fault, whatever the
+    write was part of (a download, a checkpoint, a copy of the logs)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    return (f"no space left on the device of {folder} while writing {writing} (it needs about "
+            f"{need_bytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free): {fix}")
+

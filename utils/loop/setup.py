@@ -158,12 +158,20 @@ def uploads_survive_an_abort(publisher, bar, config: TrainingConfig, say) -> Ite
     bar.close()
 
 
-def finish_uploads(publisher, config: TrainingConfig, signalled: Callable[[], bool]) -> bool:
-    """At a normal end, wait up to --final-upload-timeout-s for the uploads, cut to
-    --upload-timeout-s by a SIGTERM during that wait. True when every checkpoint reached the
-    bucket. (A run stopped by a signal waits within its preemption budget instead.)"""
-    return publisher.close(timeout=config.final_upload_timeout_s, interrupted=signalled,
-                           after_interrupt_s=config.upload_timeout_s)
+def finish_uploads(publisher, config: TrainingConfig, budget_left: Callable[[], float | None],
+                   exit_s: float) -> bool:
+    """At a normal end, wait up to --final-upload-timeout-s for the uploads. A SIGTERM cuts
+    the wait to --upload-timeout-s and never past --preemption-budget-s less ``exit_s`` from
+    the signal (a spot VM is gone 30 s after its notice): ``budget_left()`` is None until a
+    signal, then the seconds its budget has left. True when every checkpoint reached the
+    bucket. (A run stopped by a signal during training waits within its budget instead.)"""
+    after_signal_s = max(0.0, min(config.upload_timeout_s, config.preemption_budget_s - exit_s))
+    left = budget_left()
+    if left is not None:  # the signal came before this wait, while the last save was written
+        return publisher.close(timeout=min(left, after_signal_s))
+    return publisher.close(timeout=config.final_upload_timeout_s,
+                           interrupted=lambda: budget_left() is not None,
+                           after_interrupt_s=after_signal_s)
 
 
 def prepare_output_dir(output_dir: Path, processes: Processes) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from configs.training_config import TrainingConfig
-from utils.checkpoint import TrainState, find_complete, lineage
+from utils.checkpoint import TrainState, find_complete, lineage, step_of
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.errors import TrainingError
 from utils.loop.engine import Engine, ModelInfo
@@ -46,6 +46,7 @@ from utils.loop.tracker import check_trackers, open_trackers
 from utils.processes import printer
 from utils.stages.base import tokenizer_dir
 from utils.stages.task import Task, build_task
+from utils.streaming import StopWatch, WaitStopped
 
 EXIT_S = 1.0  # of a preemption budget, kept for the process to exit (see run._exit_now)
 
@@ -110,6 +111,11 @@ class Trainer:
         self.meter = self._meter(self.info)
         self._banner()
 
+        # Before the threads that watch it: the mirror's waits, the readers' (--stream).
+        self.preemption = PreemptionHandler()
+        self.stop_watch = None if self.task.feed is None else StopWatch(
+            lambda: self.preemption.requested, [s.root for s in self.task.feed.sources])
+
         # Logging, checkpoints and uploads happen on the global main process only.
         self.metrics = self.log_mirror = None
         self.trackers = open_trackers(config, self.state, engine,
@@ -117,7 +123,8 @@ class Trainer:
         if self.main:  # the mirror copies logs to the bucket in the background, never waited on
             self.log_mirror = start_log_mirror(config, self.store, self.output_dir,
                                                self.trackers.flush, self.say,
-                                               resumed=self.state.step > 0)
+                                               resumed=self.state.step > 0,
+                                               stopping=lambda: self.preemption.requested)
             self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl",
                                          start_step=self.state.step)
         self.publisher = CheckpointPublisher(
@@ -130,7 +137,6 @@ class Trainer:
             self.publisher.ownership_lost = lambda: self.claim.lost
         if self.main:
             self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
-        self.preemption = PreemptionHandler()
         self.saver = Saver(engine, self.publisher, self.ckpt_root,
                            tokenizer_dir(self.task.meta, Path(config.data_dir)), self.metrics,
                            self.say)
@@ -194,7 +200,12 @@ class Trainer:
         try:
             with uploads_survive_an_abort(self.publisher, bar, config, self.say):
                 while state.step < config.max_steps and not stopped_early:
-                    self._step()
+                    try:
+                        self._step()
+                    except WaitStopped:  # a signal while the readers waited for a shard
+                        self._save_finished_steps(start_step)
+                        stopped_early = True
+                        continue
                     bar.update(1)
                     stopped_early = self._after_step(bar)
                 if self.pending_votes is not None:
@@ -203,6 +214,7 @@ class Trainer:
             return self._finish(start_step, start_tokens, elapsed, stopped_early)
         finally:
             if self.task.feed is not None:
+                self.stop_watch.close()
                 self.task.feed.close()
             if self.claim is not None:  # within what a signal's budget left
                 self.claim.release(min(5.0, max(0.2, self.exit_by - time.monotonic())))
@@ -259,6 +271,20 @@ class Trainer:
         if stop_now:
             self.say(f"stopping at step {step} on request; checkpoint {self.saved[-1].name}")
         return stop_now
+
+    def _save_finished_steps(self, start_step: int) -> None:
+        """A signal came while the readers waited for a shard (a streaming outage): the step
+        under way cannot finish, so the finished ones are saved (their data position: the
+        resumed run repeats and skips no window), unless a checkpoint already holds them."""
+        step = self.state.step
+        if step > (step_of(self.saved[-1].name) if self.saved else start_step):
+            if self.interval_steps:
+                sums, _ = self.engine.read_interval()
+                check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
+            self.saved.append(self._save())
+        self.say(f"stopping at step {step} on request while waiting for data from the bucket; "
+                 + (f"checkpoint {self.saved[-1].name}" if self.saved
+                    else f"no step finished since step {start_step}: nothing to save"))
 
     def _ownership_problem(self) -> str:
         """Why this run may no longer write its checkpoints ('' while it may): its lease was
@@ -327,13 +353,12 @@ class Trainer:
             uploads_done = self._within_the_budget()
         else:
             self.saver.wait()  # the last checkpoint is written, then uploaded
-            uploads_done = finish_uploads(self.publisher, config,
-                                          lambda: self.preemption.requested)
+            uploads_done = finish_uploads(self.publisher, config, self._budget_left, EXIT_S)
         if self.main:  # after a signal the logs get what the checkpoint left of the budget
-            left = max(0.0, self.exit_by - time.monotonic()) if stopped_early else None
+            left = self._budget_left()
             self.trackers.close(timeout=left)
             if self.log_mirror is not None:
-                self.log_mirror.close(left if stopped_early else config.upload_timeout_s)
+                self.log_mirror.close(config.upload_timeout_s if left is None else left)
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
                 merged = self.engine.merge(self.saved[-1] if self.saved
@@ -348,9 +373,17 @@ class Trainer:
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
             local_only=self.publisher.local_only, saving=self.saver.totals(),
             streamed=self.task.feed.summary() if self.task.feed is not None else "",
-            logs_mirror=self.log_mirror.target.url if self.log_mirror is not None else "")
+            logs_mirror=self.log_mirror.copied_to if self.log_mirror is not None else "")
         self.say(table)
         return summary
+
+    def _budget_left(self) -> float | None:
+        """Seconds left of the preemption budget (less ``EXIT_S``) once a stop was requested
+        (recorded in ``exit_by``, which bounds every wait to the exit); None before."""
+        if self.preemption.requested:
+            self.exit_by = min(self.exit_by,
+                               self.preemption.at + self.config.preemption_budget_s - EXIT_S)
+        return None if math.isinf(self.exit_by) else max(0.0, self.exit_by - time.monotonic())
 
 
     def _within_the_budget(self) -> bool:
@@ -365,7 +398,7 @@ class Trainer:
         self.saver.wait(max(0.0, deadline - time.monotonic()))
         uploads_done = self.publisher.close(timeout=0.0 if self.saver.writing
                                             else max(0.0, deadline - time.monotonic()))
-        if self.main:
+        if self.main and self.saved:
             self.say(preemption_report(self.state.step, self.saved[-1].name, self.saver,
                                        self.publisher, self.config.preemption_budget_s, facts))
         return uploads_done

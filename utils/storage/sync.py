@@ -1,4 +1,8 @@
-"""Skip-existing, verified, parallel sync between a local directory tree and a Store."""
+"""Skip-existing, verified, parallel sync between a local directory tree and a Store.
+
+A download that fills the disk ends the sync with the disk-full line (StorageError naming the
+folder, the room still needed and the room left), never a failure per remaining file.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from utils.errors import StorageError
+from utils.errors import StorageError, disk_full, no_space
 from utils.storage.base import (
     ObjectInfo,
     RetriesExhausted,
@@ -75,8 +79,11 @@ class _Transfers:
     the bar with the total bytes of the planned work and the pool runs it.
     """
 
-    def __init__(self, total_files: int, workers: int, progress: bool, desc: str) -> None:
+    def __init__(self, total_files: int, workers: int, progress: bool, desc: str,
+                 dest: Path | None = None) -> None:
         self.result = SyncResult()
+        self.dest = dest  # downloads: the folder a full disk is reported for
+        self.no_space = ""  # the disk-full line, once a download filled the disk
         self._lock = threading.Lock()
         self._abort: str | None = None
         self._workers = max(1, workers)
@@ -129,10 +136,19 @@ class _Transfers:
         except RetriesExhausted as exc:
             self._abort = str(exc)  # the endpoint is gone: do not wait out the deadline per file
             self.fail(name, str(exc))
-        except StorageError as exc:
-            self.fail(name, str(exc))
-        except OSError as exc:
-            self.fail(name, f"local file error: {exc}")
+        except (StorageError, OSError) as exc:
+            if self.dest is not None and disk_full(exc):  # no other file fits either
+                self.no_space = self._abort = no_space(
+                    self.dest, name, self._bytes_left(),
+                    "free space or choose a folder on a larger disk, then sync again")
+                self.fail(name, self.no_space)
+            else:
+                self.fail(name, str(exc) if isinstance(exc, StorageError)
+                          else f"local file error: {exc}")
+
+    def _bytes_left(self) -> int:
+        """Bytes of planned work not yet transferred (what the disk still has to take)."""
+        return sum(size for _, size, _ in self._tasks) - self.result.transferred_bytes
 
     def run(self) -> SyncResult:
         """Run the planned tasks; a crash in one task is reported as that file's failure."""
@@ -304,7 +320,8 @@ def sync_down(
     unless the file changed or verify=True. Everything else downloads to a temporary and is
     renamed into place only after it verifies. Objects without any hash are always fetched.
     A prefix with no objects is a StorageError (a typo must not look like a finished sync),
-    and temporaries that interrupted syncs left in dest are removed first.
+    and so is a full disk (the disk-full line); temporaries that interrupted syncs left in
+    dest are removed first.
     """
     started = time.time()
     dest = Path(dest)
@@ -314,7 +331,7 @@ def sync_down(
     if max_files is not None:
         objects = objects[: max(0, max_files)]
     cache = HashCache(dest)
-    t = _Transfers(len(objects), workers, progress, "download")
+    t = _Transfers(len(objects), workers, progress, "download", dest)
     t.result.dry_run = dry_run
 
     def download(info: ObjectInfo, local: Path) -> None:
@@ -336,6 +353,8 @@ def sync_down(
         finally:
             if not dry_run:
                 cache.save()
+    if t.no_space:
+        raise StorageError(t.no_space)
     result.hashed = cache.hashed
     return result
 

@@ -12,7 +12,13 @@ opening a shard.
 Outages of the bucket only make training wait (the download is retried until it answers);
 a shard that keeps failing verification stops the readers with its name, and so does a
 verified shard holding a token id the model's vocabulary cannot embed (the check synced data
-gets at start, made as each shard arrives).
+gets at start, made as each shard arrives). A full disk stops them with the disk-full line
+(the folder, the room needed and left), never with advice about the shard.
+
+A run asked to stop (SIGTERM) while its readers wait for a shard must not wait for the
+bucket: :class:`StopWatch` turns the loop's stop flag into a marker file, ``.stream-stop``,
+that every waiting reader sees (in any process) and answers with :class:`WaitStopped`; the
+loop then saves the steps it finished and exits within its preemption budget.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 
 from utils.data import TokenWindows
 from utils.data.shards import vocab_problem
-from utils.errors import DataError, StorageError, first_line
+from utils.errors import DataError, StorageError, disk_full, first_line, no_space
 from utils.fs import atomic_write
 from utils.processes import lower_thread_priority
 from utils.storage import ObjectInfo, RetriesExhausted, Store, file_crc32c, file_md5
@@ -40,10 +46,12 @@ from utils.streaming.index import RemoteShard
 READY_DIR = ".ready"  # .ready/<name>: verified in this session, safe to open
 FAILED_DIR = ".failed"  # .failed/<name>: the one-line reason the shard cannot be had
 STOPPED_NAME = ".stream-stopped"  # the downloader died: the reason, for every waiting reader
+STOP_NAME = ".stream-stop"  # the run was asked to stop: waiting readers give up (WaitStopped)
 ATTEMPTS = 4  # a shard failing verification is downloaded at most this often (3 retries)
 OUTAGE_RETRY_S = 1.0  # between attempts while the bucket does not answer
 IDLE_S = 1.0  # the downloader re-plans at least this often without a new position
 CLOSE_WAIT_S = 5.0
+STOP_POLL_S = 0.05  # how often StopWatch reads the loop's stop flag
 _PART_RE = re.compile(r"^\.(.+)\.part-[0-9a-f]{8}$")  # download temporaries (storage.base)
 
 Schedule = Callable[[int], list[tuple[int, int, int]]]
@@ -57,13 +65,56 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.3g}"
 
 
+class WaitStopped(Exception):
+    """A reader was waiting for a shard when the run was asked to stop.
+
+    Not a HarnessError: it is no failure, the loop answers it by saving the finished steps.
+    One optional string argument, so a DataLoader worker's copy re-raises as this type.
+    """
+
+    def __init__(self, message: str = "stopped while waiting for a shard") -> None:
+        super().__init__(message)
+
+
+def stop_readers(roots: Collection[Path]) -> None:
+    """Make every reader waiting under ``roots`` (any process of this machine) stop now."""
+    for root in roots:
+        (Path(root) / STOP_NAME).touch()  # an empty file: room for it even on a full disk
+
+
+class StopWatch:
+    """Turns the loop's stop flag into the stop marker of ``roots``, from a daemon thread.
+
+    The signal handler only sets a flag, and the main process may be blocked meanwhile in a
+    reader's wait (or in a DataLoader queue fed by one): this thread is what notices the flag
+    during that wait. It polls a bool every ``STOP_POLL_S`` until the flag is set or it is
+    closed.
+    """
+
+    def __init__(self, requested: Callable[[], bool], roots: Collection[Path]) -> None:
+        self._requested, self._roots = requested, list(roots)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-stop-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed.wait(STOP_POLL_S):
+            if self._requested():
+                stop_readers(self._roots)
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 @dataclass(frozen=True)
 class ShardWait:
     """The readers' hook: return once shard ``k`` is local and verified, else keep waiting.
 
     Plain data (the local root and the shard names), so it pickles into DataLoader workers
     and works in any process of the machine; it polls marker files, which costs a stat or
-    three per poll, and only when a shard is opened.
+    four per poll, and only when a shard is opened. DataError when the shard cannot be had,
+    WaitStopped when the run was asked to stop meanwhile.
     """
 
     root: Path
@@ -75,12 +126,14 @@ class ShardWait:
         name = self.names[k]
         ready = _marker(self.root, READY_DIR, name)
         failed = _marker(self.root, FAILED_DIR, name)
-        stopped = self.root / STOPPED_NAME
+        stopped, stop = self.root / STOPPED_NAME, self.root / STOP_NAME
         start, warned = time.monotonic(), False
         while not ready.exists():
             for reason in (failed, stopped):
                 if reason.exists():
                     raise DataError(reason.read_text(encoding="utf-8").strip())
+            if stop.exists():
+                raise WaitStopped(f"stopped while waiting for shard {name}")
             if not warned and time.monotonic() - start > self.warn_after_s:
                 print(f"waiting for shard {name} from the bucket", file=sys.stderr, flush=True)
                 warned = True
@@ -210,11 +263,16 @@ class ShardCache:
             self._cond.notify()
 
     def close(self) -> None:
-        """Stop the downloader; a download under way is cut short (its temporary removed)."""
+        """Stop the downloader; a download under way is cut short (its temporary removed).
+
+        After a stop request the thread is not waited for: a bucket that does not answer
+        could hold it for seconds the preemption budget does not have, and the next start
+        removes a temporary it leaves."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=CLOSE_WAIT_S)
+        stopping = (self._root / STOP_NAME).exists()
+        self._thread.join(timeout=0.0 if stopping else CLOSE_WAIT_S)
 
     def stats(self) -> dict[str, float]:
         """Counters for the end-of-run summary. wait_s: how long a shard the readers needed
@@ -250,7 +308,8 @@ class ShardCache:
         remove their download temporaries and wrong-size files."""
         for kind in (READY_DIR, FAILED_DIR):
             shutil.rmtree(self._root / kind, ignore_errors=True)
-        (self._root / STOPPED_NAME).unlink(missing_ok=True)
+        for name in (STOPPED_NAME, STOP_NAME):
+            (self._root / name).unlink(missing_ok=True)
         index = {r.name: k for k, r in enumerate(self._shards)}
         for dirpath, dirnames, filenames in os.walk(self._root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -293,7 +352,8 @@ class ShardCache:
         except _Closed:
             pass
         except Exception as exc:  # a bug here must not leave every reader waiting forever
-            reason = f"streaming stopped: {type(exc).__name__}: {first_line(exc)}"
+            reason = (str(exc) if isinstance(exc, DataError)
+                      else f"streaming stopped: {type(exc).__name__}: {first_line(exc)}")
             atomic_write(self._root / STOPPED_NAME, reason)
             self._log(reason)
 
@@ -417,8 +477,14 @@ class ShardCache:
         self._peak = max(self._peak, self._used)
 
     def _failed_download(self, k: int, exc: Exception, started: float) -> None:
-        """An outage waits and retries without limit; a bad shard gets ATTEMPTS downloads."""
+        """An outage waits and retries without limit; a bad shard gets ATTEMPTS downloads; a
+        full disk stops every reader with the disk-full line (DataError, see _run)."""
         name = self._shards[k].name
+        if disk_full(exc):
+            raise DataError(no_space(
+                self._root, f"{self._store.url}/{name}", self._shards[k].size,
+                "free space, pass a --data-dir on a larger disk, or lower --cache-limit-gb"
+                )) from None
         if _is_outage(exc):
             if self._outage_since is None:
                 self._outage_since = started

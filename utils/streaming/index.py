@@ -5,6 +5,12 @@ download order depend on it). A ``.bin`` shard's windows follow from its size an
 in the nearest ``dataset.json`` (small: downloaded); a ``.npy`` shard's from its header, read
 with one ranged request. Headers are cached in ``.stream-index.json`` under the local root,
 keyed by name, size and hash, so a restart costs one listing.
+
+Besides shards, streaming downloads only what the loop reads from the data folder: the
+``dataset.json`` files and the tokenizer folder the top one names, at most
+``METADATA_LIMIT_BYTES`` together. Anything else in the prefix (a README, a 20 MB archive)
+stays in the bucket: ``--cache-limit-gb`` bounds the shards, and nothing outside its
+accounting may grow without bound.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from utils.data import SHARD_SUFFIXES
+from utils.data import META_NAME, SHARD_SUFFIXES
 from utils.data.shards import bin_shard, npy_shard
-from utils.errors import DataError
+from utils.errors import DataError, StorageError, disk_full, no_space
 from utils.fs import atomic_write, read_cache
 from utils.storage import ObjectInfo, Store, file_crc32c
 from utils.storage.base import _safe_local_path
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
 INDEX_NAME = ".stream-index.json"  # hidden: never a shard, never synced
 _INDEX_VERSION = 1
 _HEAD_BYTES = 4096  # one ranged read holds any ordinary .npy header
+# dataset.json files and a tokenizer folder together; a 50k-vocabulary tokenizer.json is ~2 MB
+METADATA_LIMIT_BYTES = 64 * 2**20
+_FULL_DISK_FIX = "free space or pass a --data-dir on a larger disk"
 
 
 @dataclass(frozen=True)
@@ -77,21 +88,66 @@ def _select(objects: list[ObjectInfo], url: str, max_files: int | None) -> list[
     return shards
 
 
-def _fetch_small_files(store: Store, root: Path, objects: list[ObjectInfo]) -> None:
-    """Download the dataset's non-shard files (dataset.json, a tokenizer) unless present.
+@contextmanager
+def disk_full_is_one_line(root: Path, writing: str, need_bytes: int) -> Iterator[None]:
+    """A full disk while writing under ``root`` raises the disk-full line (DataError)."""
+    try:
+        yield
+    except (OSError, StorageError) as exc:
+        if not disk_full(exc):
+            raise
+        raise DataError(no_space(root, writing, need_bytes, _FULL_DISK_FIX)) from None
 
-    ``.bin`` dtypes come from the local ``dataset.json``, and the loop reads the vocabulary
-    and tokenizer from the data folder as it does for synced data (the sync fetches them too).
-    """
-    for info in objects:
-        if _is_shard(info.name):
-            continue
+
+def _tokenizer_prefix(root: Path) -> str | None:
+    """``dir/`` of the tokenizer folder the local top ``dataset.json`` names, when that is a
+    folder inside the data (relative, no ``..``); None otherwise (a local path, or none)."""
+    try:
+        name = json.loads((root / META_NAME).read_text(encoding="utf-8")).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loop reads dataset.json again and names what is wrong with it
+    if not isinstance(name, str) or not name.strip():
+        return None
+    path = PurePosixPath(name.strip())
+    if path.is_absolute() or ".." in path.parts or str(path) == ".":
+        return None
+    return f"{path.as_posix()}/"
+
+
+def _download_metadata(store: Store, root: Path, wanted: list[ObjectInfo], what: str) -> None:
+    """Download ``wanted`` unless present and matching, refusing more than the bound."""
+    total = sum(info.size for info in wanted)
+    if total > METADATA_LIMIT_BYTES:
+        largest = max(wanted, key=lambda info: info.size)
+        raise DataError(
+            f"{store.url}: {what} take {total / 2**20:,.1f} MiB (largest "
+            f"{largest.name}, {largest.size / 2**20:,.1f} MiB), more than the "
+            f"{METADATA_LIMIT_BYTES // 2**20} MiB streaming fetches besides shards; keep "
+            f"only dataset.json and the tokenizer files there, or use --sync-data")
+    for info in wanted:
         local = _safe_local_path(root, info.name)
         if local.is_file() and local.stat().st_size == info.size and (
             info.crc32c is None or file_crc32c(local) == info.crc32c
         ):
             continue
-        store.download_file(info.name, local, expected=info)
+        with disk_full_is_one_line(root, f"{store.url}/{info.name}", info.size):
+            store.download_file(info.name, local, expected=info)
+
+
+def _fetch_small_files(store: Store, root: Path, objects: list[ObjectInfo]) -> None:
+    """Download the ``dataset.json`` files, then the tokenizer folder the top one names.
+
+    ``.bin`` dtypes come from the local ``dataset.json``, and the loop reads the vocabulary
+    and tokenizer from the data folder as it does for synced data. No other non-shard object
+    is fetched: it would sit outside ``--cache-limit-gb``, and nothing reads it.
+    """
+    metas = [o for o in objects if PurePosixPath(o.name).name == META_NAME]
+    _download_metadata(store, root, metas, "the dataset.json files")
+    prefix = _tokenizer_prefix(root)
+    if prefix is not None:
+        tokenizer = [o for o in objects if o.name.startswith(prefix) and not _is_shard(o.name)]
+        _download_metadata(store, root, metas + tokenizer,
+                           f"the dataset.json files and the tokenizer folder {prefix}")
 
 
 def _key(info: ObjectInfo) -> list[Any]:
@@ -122,8 +178,9 @@ def remote_shards(
 ) -> list[RemoteShard]:
     """Every shard under ``store`` (one listing, or ``objects``: a listing made elsewhere),
     in find_shards' order, described for ``TokenWindows.from_table`` with paths under
-    ``local_root``; nothing is downloaded but the small non-shard files. DataError for .npz
-    shards or a bucket without shards."""
+    ``local_root``; nothing is downloaded but the dataset's metadata (dataset.json files,
+    its tokenizer). DataError for .npz shards, a bucket without shards, metadata past
+    METADATA_LIMIT_BYTES, or a full disk."""
     root = Path(local_root)
     objects = store.list() if objects is None else objects
     chosen = _select(objects, store.url, max_files)
@@ -147,6 +204,8 @@ def remote_shards(
         entries[info.name] = [*_key(info), base64.b64encode(head).decode("ascii")]
         out.append(RemoteShard(info, npy_shard(path, head, info.size)))
     if entries != cached:
-        atomic_write(index_path, json.dumps({"version": _INDEX_VERSION, "shards": entries}))
+        data = json.dumps({"version": _INDEX_VERSION, "shards": entries})
+        with disk_full_is_one_line(root, str(index_path), len(data)):
+            atomic_write(index_path, data)
     return out
 
