@@ -117,7 +117,7 @@ def test_mix_weights_are_finite_positive_and_normalised_without_overflow(tmp_pat
                                                  "too small to ever be drawn")]:
         with pytest.raises(DataError, match=re.escape(match)):
             parse_mix(bad)
-    for text, match in [('{"a": true}', "weight True"), ("[" * 100_000, "cannot read")]:
+    for text, match in [('{"a": true}', "weight True"), ("[" * 100_000, "nested too deeply")]:
         path.write_text(text)
         with pytest.raises(DataError, match=match):
             parse_mix(str(path))

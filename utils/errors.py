@@ -9,6 +9,7 @@ engines can raise them without importing each other.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -74,3 +75,27 @@ def no_space(folder: Path, writing: str, need_bytes: int, fix: str) -> str:
     return (f"no space left on the device of {folder} while writing {writing} (it needs about "
             f"{need_bytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free): {fix}")
 
+
+def json_object(text: str, where: str, fix: str) -> dict:
+    """``text`` parsed as one JSON object, or a DataError naming ``where`` and ``fix``.
+
+    Whatever the decoder raises becomes that one line: malformed JSON, nesting deep enough
+    for a RecursionError, an integer of thousands of digits (ValueError); user data never
+    shows a traceback.
+    """
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
+                        f"{fix}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; {fix}") from None
+    except Exception as err:  # noqa: BLE001 - e.g. ValueError for a 5,000-digit integer
+        # Only the first clause: Python's advice after ";" (set_int_max_str_digits) is not
+        # the data's author's to follow.
+        raise DataError(f"{where}: not readable as JSON ({first_line(err).split(';')[0]}); "
+                        f"{fix}") from None
+    if not isinstance(record, dict):
+        kind = "null" if record is None else type(record).__name__
+        raise DataError(f"{where}: expected a JSON object, got {kind}; {fix}")
+    return record

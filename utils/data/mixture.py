@@ -16,7 +16,6 @@ state, so a resume is exact, also with another number of processes.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.errors import DataError
+from utils.errors import DataError, json_object
 
 Order = Callable[[int], np.ndarray]  # epoch -> that epoch's order of a source's windows
 
@@ -91,14 +90,11 @@ def _split_mix(spec: str) -> dict[str, float]:
 
 def _read_mix_file(path: str) -> dict[str, float]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
         raise DataError(f"--data-mix {path}: cannot read the mixture file ({e}); give a JSON "
                         f"object of {{name: weight}}") from e
-    if not isinstance(data, dict):
-        raise DataError(f"--data-mix {path}: the mixture file must hold a JSON object of "
-                        f"{{name: weight}}, not {type(data).__name__}")
-    return data
+    return json_object(text, f"--data-mix {path}", "give a JSON object of {name: weight}")
 
 
 def split_count(total: int, weights: Sequence[float]) -> list[int]:

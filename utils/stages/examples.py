@@ -12,7 +12,6 @@ both engines train on exactly these arrays.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from utils.errors import DataError, first_line
+from utils.errors import DataError, json_object
 
 IGNORE = -100  # label of a token that is not trained on (prompt, padding)
 # How prompts are written around the user's text; generate.py uses the same templates.
@@ -79,28 +78,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of "
                                 f"the line); save it as UTF-8") from None
             if line.strip():
-                yield where, _record(line, where)
-
-
-def _record(line: str, where: str) -> dict:
-    """One line's JSON object; a DataError naming ``where`` for whatever the decoder raises."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); "
-                        f"write one JSON object per line") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to read; write one flat JSON object "
-                        f"per line") from None
-    except Exception as err:  # noqa: BLE001 - e.g. ValueError for a 5,000-digit integer
-        # Only the first clause: Python's advice after ";" (set_int_max_str_digits) is not
-        # the data's author's to follow.
-        raise DataError(f"{where}: not readable as JSON ({first_line(err).split(';')[0]}); "
-                        f"write one JSON object per line") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(record)}; "
-                        f"write one JSON object per line")
-    return record
+                yield where, json_object(line, where, "write one JSON object per line")
 
 
 def _kind(value: Any) -> str:
