@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -53,6 +54,10 @@ class ObjectInfo:
 def _tmp_name(final: Path) -> Path:
     """Hidden temporary next to the final file, so rename is atomic and listings skip it."""
     return final.parent / f".{final.name}.part-{secrets.token_hex(4)}"
+
+
+# What _tmp_name (and utils.fs.atomic_write) name their temporaries: .NAME.part-<8 hex>.
+_TMP_RE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
 
 
 def _visible(rel: str) -> bool:
@@ -177,6 +182,16 @@ class Store(ABC):
     @abstractmethod
     def check_access(self, write: bool = False) -> None:
         """Raise StorageError unless the store exists and is readable (and writable)."""
+
+    def remove_stale_parts(self, prefix: str = "") -> int:
+        """Delete what killed uploads left in the folder prefix (hidden, never listed or
+        counted, but stored and billed); returns how many objects went.
+
+        Run it at start, before this process uploads there: it cannot tell a part of an
+        upload in flight from one a killed process left. This fallback, for stores whose
+        writes leave nothing behind (wrappers that do not forward it), removes nothing.
+        """
+        return 0
 
     def nearby(self, prefix: str, limit: int = 5) -> list[str]:
         """Up to limit URLs that do exist next to prefix (its parent level, else the root).

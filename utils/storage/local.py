@@ -13,6 +13,7 @@ from typing import BinaryIO
 from utils.errors import StorageError
 from utils.fs import atomic_write
 from utils.storage.base import (
+    _TMP_RE,
     ObjectInfo,
     ObjectNotFound,
     ProgressFn,
@@ -227,6 +228,16 @@ class LocalStore(Store):
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def remove_stale_parts(self, prefix: str = "") -> int:
+        """The temporaries of killed writes (``.NAME.part-XXXXXXXX`` next to their target)."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self._path(prefix) if _join(prefix) else self.root):
+            for fname in files:
+                if _TMP_RE.match(fname):
+                    Path(dirpath, fname).unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def nearby(self, prefix: str, limit: int = 5) -> list[str]:
         key = _join(self.prefix, prefix.lstrip("/"))
