@@ -33,6 +33,7 @@ from configs.model_config import LORA_TARGETS, ModelSize, to_hf_config
 from utils.mlx_engine import losses as mlx_losses
 from utils.mlx_engine.lora import apply_lora, load_adapter, peft_key, read_adapter_config
 from utils.mlx_engine.model import load_pretrained
+from utils.stages.step import stage_loss
 from utils.torch_engine import losses as torch_losses
 
 PAD, EOS, VOCAB = 0, 1, 128
@@ -410,10 +411,10 @@ def test_mlx_matches_torch(peft_model, mlx_model, case: str):
 # ---------------------------------------------------------------- the stage's loss
 
 def test_stage_loss_grpo():
-    """Both engines get the GRPO loss from ``stage_loss``; without its settings it refuses
-    rather than inventing them."""
+    """Both engines get the GRPO loss from ``stage_loss`` (one dispatch over either losses
+    module); without its settings it refuses rather than inventing them."""
     for losses in (torch_losses, mlx_losses):
         with pytest.raises(ValueError, match="grpo_beta"):
-            losses.stage_loss("grpo", 0.1)
-        assert callable(losses.stage_loss("grpo", 0.1, grpo_beta=0.04, grpo_epsilon=0.2))
-        assert losses.stage_loss("sft", 0.1) is losses.sft_loss
+            stage_loss(losses, "grpo", 0.1)
+        assert callable(stage_loss(losses, "grpo", 0.1, grpo_beta=0.04, grpo_epsilon=0.2))
+        assert stage_loss(losses, "sft", 0.1) is losses.sft_loss

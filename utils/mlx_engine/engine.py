@@ -34,10 +34,11 @@ from utils.data import BatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
-from utils.mlx_engine import checkpoint_io, lora
+from utils.mlx_engine import checkpoint_io, lora, losses
 from utils.mlx_engine.dist import MlxProcesses
-from utils.mlx_engine.losses import rollout_logps, stage_loss, to_mx
+from utils.mlx_engine.losses import rollout_logps, to_mx
 from utils.mlx_engine.model import build_model, build_optimizer, load_full_weights, save_pretrained
+from utils.stages.step import eval_value, stage_loss, train_passes
 from utils.stages.task import Batch, Task
 
 DTYPES = {"no": mx.float32, "bf16": mx.bfloat16}
@@ -96,7 +97,8 @@ def _lora_model(config: TrainingConfig, task: Task, dtype: mx.Dtype) -> _Built:
 
 
 class MlxEngine(MlxProcesses):
-    """``utils.loop.engine.Engine`` over MLX (the ranks come from ``MlxProcesses``)."""
+    """``utils.loop.engine.Engine`` over MLX (the ranks come from ``MlxProcesses``);
+    ``utils.stages.step.StepEngine`` for the stage's side of a step."""
 
     def __init__(self, config: TrainingConfig) -> None:
         super().__init__()
@@ -118,10 +120,11 @@ class MlxEngine(MlxProcesses):
                                          config.adam_epsilon)
         self.optimizer.init(self.params)  # the LR is set by hand each step
         self.task = task
-        self.loss = stage_loss(task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
+        self.loss = stage_loss(losses, task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
                                grpo_epsilon=config.grpo_epsilon,
                                grpo_temperature=config.grpo_temperature)
         self._step_fns: tuple[Callable, Callable] | None = None  # after a resume: see _fns
+        self._grads: dict | None = None  # summed over a pass's micro-batches
         self.reset_interval()
         total, non_embedding = count_parameters(built.hf_config)
         args = self.model.args
@@ -172,42 +175,17 @@ class MlxEngine(MlxProcesses):
                    target_count: float | None = None) -> None:
         """Accumulate, average over processes, clip, update; GRPO with ``--grpo-epochs E``:
         E such updates over one rollout (the learning rate is the step's for all of them)."""
-        config, accum, passes = self.config, len(micro_batches), self.task.passes
-        loss_and_grads, update = self._fns()
+        config = self.config
         self.optimizer.learning_rate = config.learning_rate * lr_factor(
             step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        prepared: list[dict[str, mx.array]] = []
-        for rerun in range(passes):
-            grads = None
-            for micro, rows in enumerate(micro_batches):
-                # Dropout masks (and GRPO's samples) are a function of (seed, step,
-                # micro-batch, pass): resume repeats them.
-                mx.random.seed(config.seed + self.process_index + 100_003 * (
-                    step * accum + micro + 1) + 7_919 * rerun)
-                if rerun == 0:  # a micro-batch is sampled just before its first use
-                    prepared.append(self._prepare(rows, accum, target_count))
-                (loss, extras), micro_grads = loss_and_grads(self.params, prepared[micro])
-                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-                mx.eval(loss, extras, grads)  # one micro-batch's activations alive at a time
-                for key, value in {"loss": loss, **extras}.items():
-                    self._sums[key] = self._sums.get(key, 0.0) + value.item() / (
-                        accum * passes)
-            self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
-            mx.eval(self.params, self._grad_norm, self.optimizer.state)
+        train_passes(self, self.task, micro_batches, target_count,
+                     before=partial(self._seed, step, len(micro_batches)))
 
-    def _prepare(self, rows: Batch, accum: int, target_count: float | None) -> dict[str, mx.array]:
-        """A micro-batch as MLX arrays; GRPO: sampled and scored first, and the log-probs
-        that stay fixed over several passes taken before the first update."""
-        if self.task.rollout is not None:
-            rows = self._rollout(rows, accum)
-        batch = to_mx(rows)
-        if target_count is not None:
-            batch["target_count"] = mx.array(target_count, mx.float32)
-        if self.task.passes > 1:
-            with self.evaluating():
-                batch.update(rollout_logps(self.model, batch, self.config.grpo_beta,
-                                           self.config.grpo_temperature))
-        return batch
+    def _seed(self, step: int, accum: int, micro: int, rerun: int) -> None:
+        """Dropout masks (and GRPO's samples) are a function of (seed, step, micro-batch,
+        pass): resume repeats them."""
+        mx.random.seed(self.config.seed + self.process_index + 100_003 * (
+            step * accum + micro + 1) + 7_919 * rerun)
 
     def read_interval(self) -> tuple[dict[str, float], float]:
         keys = list(self._sums)
@@ -230,26 +208,45 @@ class MlxEngine(MlxProcesses):
             self.model.train()
 
     def eval_loss(self, batch: Batch) -> float:
-        if self.task.rollout is not None:  # GRPO: the mean reward of greedy completions
-            return self.task.rollout(batch, self._generate(batch, sample=False))[1]["reward_mean"]
-        loss, _ = self.loss(self.model, to_mx(batch))
-        return loss.item()
+        return eval_value(self, self.task, batch)
 
-    # ------------------------------------------------------------------ GRPO
+    # ------------------------------------------------------------------ StepEngine
 
-    def _rollout(self, prompts: Batch, accum: int) -> Batch:
-        """Sample, score and build the training batch (see the torch engine's)."""
-        with self.evaluating():
-            completions = self._generate(prompts, sample=True)
-        batch, stats = self.task.rollout(prompts, completions)
-        for key, value in stats.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value / accum
+    def on_device(self, rows: Batch, target_count: float | None = None) -> dict[str, mx.array]:
+        batch = to_mx(rows)
+        if target_count is not None:
+            batch["target_count"] = mx.array(target_count, mx.float32)
         return batch
 
-    def _generate(self, prompts: Batch, sample: bool) -> np.ndarray:
-        """Completions with mlx-lm's ``generate_step``, prompt by prompt (prompt-major rows,
-        ``group_size`` per prompt when sampling), right-padded with the pad id. Call it with
-        the model in eval mode holding the current weights (``evaluating``)."""
+    def accumulate(self, batch: dict[str, mx.array], divisor: int) -> None:
+        loss_and_grads, _ = self._fns()
+        (loss, extras), grads = loss_and_grads(self.params, batch)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(loss, extras, self._grads)  # one micro-batch's activations alive at a time
+        for key, value in {"loss": loss, **extras}.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value.item() / divisor
+
+    def update(self) -> None:
+        _, update = self._fns()
+        grads, self._grads = self._grads, None
+        self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
+        mx.eval(self.params, self._grad_norm, self.optimizer.state)
+
+    def batch_loss(self, rows: Batch) -> float:
+        loss, _ = self.loss(self.model, self.on_device(rows))
+        return loss.item()
+
+    def add_stats(self, stats: dict[str, float], divisor: int) -> None:
+        for key, value in stats.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value / divisor
+
+    def fixed_logps(self, batch: dict[str, mx.array]) -> dict[str, mx.array]:
+        return rollout_logps(self.model, batch, self.config.grpo_beta,
+                             self.config.grpo_temperature)
+
+    def generate(self, prompts: Batch, sample: bool) -> np.ndarray:
+        """mlx-lm's ``generate_step``, prompt by prompt (its unpadded tokens), each completion
+        stopping at its first EOS."""
         spec = self.task.sampling
         sampler = make_sampler(spec.temperature if sample else 0.0)
         rows: list[list[int]] = []

@@ -195,15 +195,3 @@ def grpo_loss(model: nn.Module, batch: Batch, beta: float, epsilon: float,
                            batch["advantages"], batch["completion_mask"], beta, epsilon,
                            bias_correction_kl)
 
-
-def stage_loss(stage: str, dpo_beta: float, *, grpo_beta: float | None = None,
-               grpo_epsilon: float | None = None, grpo_temperature: float = 1.0):
-    """(model, batch) -> (loss, extra metrics) for ``stage``; the GRPO settings as torch's."""
-    if stage == "grpo":
-        if grpo_beta is None or grpo_epsilon is None:
-            raise ValueError("stage_loss('grpo') needs grpo_beta and grpo_epsilon")
-        return lambda model, batch: grpo_loss(model, batch, grpo_beta, grpo_epsilon,
-                                              grpo_temperature)
-    if stage == "dpo":
-        return lambda model, batch: dpo_loss(model, batch, dpo_beta)
-    return sft_loss if stage == "sft" else pretrain_loss

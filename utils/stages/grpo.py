@@ -9,12 +9,13 @@
 * Advantages: each completion's reward against the other completions of its prompt's group,
   as TRL's GRPOTrainer computes them.
 
-What an engine does per batch (prompt-major order: the G completions of prompt 0, then of
-prompt 1, ...)::
+What happens to a micro-batch (prompt-major order: the G completions of prompt 0, then of
+prompt 1, ...); ``utils/stages/step.py`` runs it, the engine only generates::
 
     batch = task.collate(examples)             # pad_prompts: left-padded prompts + "index"
+    generated = engine.generate(batch, sample=True)  # G completions per prompt row
+    # rollout(batch, generated), below:
     records = batch_examples(batch, task.examples)
-    generated = <sample G completions per row of batch["input_ids"]/["attention_mask"]>
     mask = completion_mask(generated, eos_id)  # tokens up to and including the first EOS
     completions = decode_completions(generated, eos_id, tokenizer.decode)
     prompts, fields = per_completion(records, G)
@@ -123,7 +124,7 @@ def pad_prompts(examples: Sequence[GrpoExample], pad_id: int) -> Batch:
 
     ``index`` holds each row's position in the loaded list (``GrpoExample.index``): batches
     must be numeric arrays (both engines turn every value into a tensor, the torch one in
-    DataLoader workers), so the engine finds the records again with :func:`batch_examples`.
+    DataLoader workers), so the rollout finds the records again with :func:`batch_examples`.
     """
     length = max(len(e.prompt_ids) for e in examples)
     input_ids = np.full((len(examples), length), pad_id, dtype=np.int64)

@@ -1,8 +1,9 @@
 """A stage as the shared loop sees it: examples, their split, collate and token count.
 
-Pretraining, LoRA SFT and LoRA DPO differ here and in their loss (one per engine:
-``utils/torch_engine/losses.py``, ``utils/mlx_engine/losses.py``). Everything in a Task is
-framework-neutral: batches are numpy arrays, which each engine turns into its own tensors.
+Pretraining, LoRA SFT, DPO and GRPO differ here and in their loss (``utils/stages/step.py``
+picks it; the math is per engine: ``utils/torch_engine/losses.py``,
+``utils/mlx_engine/losses.py``). Everything in a Task is framework-neutral: batches are numpy
+arrays, which each engine turns into its own tensors.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ Batch = dict[str, np.ndarray]
 
 @dataclass
 class Task:
-    stage: str                      # pretrain, sft or dpo: which loss the engine uses
+    stage: str                      # pretrain, sft, dpo or grpo: its loss (step.STAGE_LOSSES)
     examples: Sequence              # map-style; indexed by the WindowBatchSampler
     train_idx: np.ndarray
     eval_idx: np.ndarray
@@ -76,6 +77,11 @@ class Task:
     sampling: Sampling | None = None
     rollout: Callable[[Batch, np.ndarray], tuple[Batch, dict[str, float]]] | None = None
     passes: int = 1  # optimizer updates per step's batches (GRPO: --grpo-epochs per rollout)
+    # The held-out number's name in metrics and logs (GRPO's is the mean reward of greedy
+    # completions, which the run raises), and whether the loop records it before the first
+    # step too (GRPO: the base's reward, the baseline the run improves on).
+    eval_metric: str = "eval_loss"
+    eval_before_training: bool = False
     # --data-mix: the weighted sources the training windows are drawn from (None: one source).
     sources: list[Source] | None = None
     # --stream: each source's epoch order (block-shuffled, in global ids) and the caches.
@@ -218,3 +224,4 @@ def _make_grpo(task: Task, config: TrainingConfig, tokenizer, pad_id: int) -> No
                            decode=partial(tokenizer.decode, skip_special_tokens=True),
                            sampling=task.sampling)
     task.passes = config.grpo_epochs
+    task.eval_metric, task.eval_before_training = "eval_reward", True

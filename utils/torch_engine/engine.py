@@ -29,12 +29,13 @@ from utils.data import BatchSampler
 from utils.errors import ConfigError, TrainingError
 from utils.loop.engine import ModelInfo
 from utils.loop.schedule import lr_factor
+from utils.stages.step import eval_value, stage_loss, train_passes
 from utils.stages.task import Batch, Task
-from utils.torch_engine import checkpoint_io, lora
+from utils.torch_engine import checkpoint_io, lora, losses
 from utils.torch_engine.compiling import compile_model
 from utils.torch_engine.fp8 import fp8_unavailable, to_float8
 from utils.torch_engine.loader import make_torch_loader
-from utils.torch_engine.losses import rollout_logps, stage_loss
+from utils.torch_engine.losses import rollout_logps
 from utils.torch_engine.model import (
     build_model,
     compile_unavailable,
@@ -54,14 +55,9 @@ def _cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def _as_numpy(batch: dict) -> Batch:
-    """A batch as the stage's numpy arrays (the torch loader hands over tensors)."""
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            for k, v in batch.items()}
-
-
 class TorchEngine:
-    """``utils.loop.engine.Engine`` over accelerate."""
+    """``utils.loop.engine.Engine`` over accelerate; ``utils.stages.step.StepEngine`` for the
+    stage's side of a step (what to sample, score and train on, in which order)."""
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
@@ -155,7 +151,7 @@ class TorchEngine:
         self.model, compiled = self._compiled(model) if config.compile else (model, "off")
         self.model.train()
         self.task = task
-        self.loss = stage_loss(task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
+        self.loss = stage_loss(losses, task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
                                grpo_epsilon=config.grpo_epsilon,
                                grpo_temperature=config.grpo_temperature)
         self.staging = checkpoint_io.HostStaging()  # this stage's model: its own buffers
@@ -181,37 +177,15 @@ class TorchEngine:
                                    pin_memory=self.device.type == "cuda")
         return iter(loader)
 
-    def _on_device(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v).to(
-            self.device, non_blocking=True) for k, v in batch.items()}
-
     # ------------------------------------------------------------------ steps
 
     def train_step(self, micro_batches: list[dict], step: int,
                    target_count: float | None = None) -> None:
-        """Accumulate over the micro-batches (DDP syncs on the last), clip, step.
-
-        GRPO with ``--grpo-epochs E`` makes E such passes (E optimizer updates) over one
-        rollout; the schedule still counts loop steps. ``step`` needs no use here: the
-        scheduler and the RNG states carry it.
-        """
-        acc, accum = self.accelerator, len(micro_batches)
-        passes = self.task.passes
-        prepared: list[dict[str, torch.Tensor]] = []
-        for rerun in range(passes):
-            for i, raw in enumerate(micro_batches):
-                if rerun == 0:  # a micro-batch is sampled just before its first use
-                    prepared.append(self._prepare(raw, accum, target_count))
-                with acc.accumulate(self.model):
-                    loss, extras = self.loss(self.model, prepared[i])
-                    acc.backward(loss)
-                for key, value in {"loss": loss, **extras}.items():
-                    self._sums[key] = self._sums.get(key, 0.0) + value.detach() / (
-                        accum * passes)
-            self._grad_norm = acc.clip_grad_norm_(self.model.parameters(),
-                                                  self.config.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        """Accumulate over the micro-batches (DDP syncs on the last), clip, step; GRPO with
+        ``--grpo-epochs E`` makes E such updates over one rollout (``train_passes``), the
+        schedule still counts loop steps. ``step`` needs no use here: the scheduler and the
+        RNG states carry it."""
+        train_passes(self, self.task, micro_batches, target_count)
         self.scheduler.step()
         if self._compile_started is not None:
             self._report_compile_time()
@@ -244,61 +218,58 @@ class TorchEngine:
             self.model.train()
 
     def eval_loss(self, batch: Batch) -> float:
-        if self.task.rollout is not None:  # GRPO: the mean reward of greedy completions
-            prompts = _as_numpy(batch)
-            return self.task.rollout(prompts, self._generate(prompts, sample=False))[1][
-                "reward_mean"]
-        loss, _ = self.loss(self.model, self._on_device(batch))
-        return loss.item()
+        return eval_value(self, self.task, batch)
 
-    # ------------------------------------------------------------------ GRPO
+    # ------------------------------------------------------------------ StepEngine
 
-    def _prepare(self, batch: Batch, accum: int,
-                 target_count: float | None) -> dict[str, torch.Tensor]:
-        """A micro-batch on the device; GRPO: its prompts sampled and scored first, and the
-        log-probs that stay fixed over several passes taken before the first update."""
-        if self.task.rollout is not None:
-            batch = self._rollout(batch, accum)
-        batch = self._on_device(batch)
+    def on_device(self, rows: dict, target_count: float | None = None) -> dict[str, torch.Tensor]:
+        batch = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v).to(
+            self.device, non_blocking=True) for k, v in rows.items()}
         if target_count is not None:
             batch["target_count"] = torch.tensor(target_count, device=self.device)
-        if self.task.passes > 1:
-            with self.evaluating():
-                batch.update(rollout_logps(self.model, batch, self.config.grpo_beta,
-                                           self.config.grpo_temperature))
         return batch
 
-    def _rollout(self, prompts: Batch, accum: int) -> Batch:
-        """Sample a group of completions per prompt with the current policy; the task scores
-        them and builds the training batch (advantages, masks). Its statistics join the
-        interval's sums, on the device like the loss."""
-        prompts = _as_numpy(prompts)
-        batch, stats = self.task.rollout(prompts, self._generate(prompts, sample=True))
+    def accumulate(self, batch: dict[str, torch.Tensor], divisor: int) -> None:
+        """Loss and metrics stay on the device (summed there): no host sync per step."""
+        with self.accelerator.accumulate(self.model):
+            loss, extras = self.loss(self.model, batch)
+            self.accelerator.backward(loss)
+        for key, value in {"loss": loss, **extras}.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value.detach() / divisor
+
+    def update(self) -> None:
+        self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                           self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def batch_loss(self, rows: Batch) -> float:
+        loss, _ = self.loss(self.model, self.on_device(rows))
+        return loss.item()
+
+    def add_stats(self, stats: dict[str, float], divisor: int) -> None:
+        """On the device, like the loss, so reading the interval reduces them together."""
         for key, value in stats.items():
             self._sums[key] = self._sums.get(key, 0.0) + torch.tensor(
-                value / accum, dtype=torch.float32, device=self.device)
-        return batch
+                value / divisor, dtype=torch.float32, device=self.device)
 
-    def _generate(self, prompts: Batch, sample: bool) -> np.ndarray:
-        """Completions (rows: prompt-major, ``group_size`` per prompt when sampling) with
-        transformers' ``generate``: dropout off, the torch RNG (restored on resume) drawing."""
+    def fixed_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rollout_logps(self.model, batch, self.config.grpo_beta,
+                             self.config.grpo_temperature)
+
+    def generate(self, prompts: Batch, sample: bool) -> np.ndarray:
+        """transformers' ``generate`` on the unwrapped model (eval mode and no_grad come
+        from ``evaluating()``), the torch RNG (restored on resume) drawing."""
         spec = self.task.sampling
         model = extract_model_from_parallel(self.model, keep_torch_compile=False)
-        training = model.training
-        model.eval()
         ids = torch.from_numpy(prompts["input_ids"]).to(self.device)
         options = dict(do_sample=True, temperature=spec.temperature, top_k=0, top_p=1.0,
                        num_return_sequences=spec.group_size) if sample else dict(
             do_sample=False, num_return_sequences=1)
-        try:
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.from_numpy(prompts["attention_mask"]).to(self.device),
-                    max_new_tokens=spec.max_new_tokens, pad_token_id=spec.pad_id,
-                    eos_token_id=spec.eos_id, **options)
-        finally:
-            model.train(training)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.from_numpy(prompts["attention_mask"]).to(
+                self.device), max_new_tokens=spec.max_new_tokens, pad_token_id=spec.pad_id,
+            eos_token_id=spec.eos_id, **options)
         return out[:, ids.shape[1]:].cpu().numpy()
 
     # ------------------------------------------------------------------ checkpoints
