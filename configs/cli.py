@@ -17,16 +17,26 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, fields, replace
+from typing import NamedTuple
 
 from configs.model_config import LORA_TARGETS, MODEL_SIZES
-from configs.training_config import PRESETS, QUANT_BITS, TrainingConfig, run_name_problem
+from configs.training_config import (
+    PRESETS,
+    QUANT_BITS,
+    RUN,
+    SECTIONS,
+    TrainingConfig,
+    run_name_problem,
+)
 from utils.errors import ConfigError
 from utils.secrets import credentials_problem
 
 BUCKET_ENV = "HARNESS_BUCKET"
+DEFAULT_PRESET = "smoke"  # what --config is when not given
 TRACKERS = ("tensorboard", "wandb")  # what --report-to may list (or "none")
 # Whole numbers (steps, windows, tokens, ...) above this are typos: numpy, torch and MLX index with
 # 64-bit integers, and no run takes two billion steps.
@@ -90,11 +100,11 @@ RANGES: dict[str, Range] = {
     "lora_dropout": FRACTION,
     "dpo_beta": POSITIVE,
     "grpo_group_size": count(2, "advantages compare the completions of a prompt"),
-    "grpo_temperature": Range(0, low_open=True, note="sampling"),
+    "grpo_temperature": POSITIVE,
     "grpo_max_new_tokens": count(1),
     "grpo_beta": Range(0, note="0 = no KL penalty"),
     "grpo_epsilon": POSITIVE,
-    "grpo_epochs": count(1, "optimisation passes over each batch of generations"),
+    "grpo_epochs": count(1),
     "quantize_bits": Range(0, 8, note="0 = full-precision base"),
     "max_files": count(0, "0 = all"),
     "prefetch_shards": count(0),
@@ -113,19 +123,18 @@ RANGES: dict[str, Range] = {
     "max_grad_norm": POSITIVE,
     "seed": Range(0, 2**32 - 1, note="numpy's seed range"),
     "loss_chunk_tokens": count(0, "0 = all at once"),
-    "num_workers": count(0),
-    "prefetch_factor": count(1, "batches each DataLoader worker reads ahead"),
+    "num_workers": count(0, "0 = read in the training process"),
+    "prefetch_factor": count(1),
     "log_upload_minutes": Range(0, WEEK_MINUTES, note="0 = only at the end; at most a week"),
     "logging_steps": count(1),
     "eval_steps": count(1),
     "eval_windows": count(0),
     "save_steps": count(1),
     "save_interval_minutes": Range(0, WEEK_MINUTES, note="0 = off; at most a week"),
-    "save_total_limit": count(0),
+    "save_total_limit": count(0, "0 = all"),
     "remote_keep": count(0, "0 = all"),
     "keep_every_steps": count(0, "0 = off"),
-    "preemption_budget_s": Range(1, 3600, low_open=True,
-                                 note="seconds from the signal to the exit; Spot VMs give 30"),
+    "preemption_budget_s": Range(1, 3600, low_open=True, note="seconds; Spot VMs give 30"),
     "upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "final_upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "peak_tflops": Range(0, 1e6, note="0 = the built-in table"),
@@ -180,35 +189,129 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _flag(name: str) -> str:
+class WholeWordsFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only: ``--grpo-group-size`` or ``BUCKET/logs/RUN_NAME`` is
+    never split across two lines (argparse's textwrap breaks at hyphens and in long words)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False,
+                             break_long_words=False)
+
+
+def flag_name(name: str) -> str:
+    """A field's flag: ``max_files`` -> ``--max-files``."""
     return "--" + name.replace("_", "-")
 
 
-def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=prog, allow_abbrev=False,
-                            description="Pretrain or fine-tune GPT-NeoX; see README.md.")
-    parser.add_argument("--config", default="smoke", choices=sorted(PRESETS),
-                        help="preset to start from (default: smoke)")
-    parser.add_argument("--validate", action="store_true",
-                        help="run the preflight checks and exit")
+# What a text flag takes where a fixed list says it (other text flags: see their help).
+TEXT_VALUES: dict[str, str] = {
+    "model": ", ".join(MODEL_SIZES),
+    "lora_target_modules": f"comma-separated, of {','.join(LORA_TARGETS)}",
+    "report_to": f"comma-separated, of {', '.join(TRACKERS)}; or none",
+}
+
+
+class FlagDoc(NamedTuple):
+    """One flag as ``--help`` and the README's flag reference describe it."""
+
+    names: tuple[str, ...]  # ("--compile", "--no-compile") for a boolean
+    values: str  # what it takes: a range, the choices, a fixed list; "" for on/off or free text
+    default: str  # "on", "off", "empty" or the value as typed
+    help: str
+    section: str
+
+
+def shown(value: object) -> str:
+    """A default as a person types it: on/off, empty, 0.0003, 3600."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) or "empty"
+
+
+def describe(field: Field, kind: object) -> FlagDoc:
+    """A ``TrainingConfig`` field's flag, from its metadata, its type and :data:`RANGES`."""
+    flag = flag_name(field.name)
+    names = (flag, "--no-" + flag[2:]) if kind is bool else (flag,)
+    if kind in (int, float):
+        values = RANGES[field.name].rule()
+    elif typing.get_origin(kind) is typing.Literal:
+        values = ", ".join(typing.get_args(kind))
+    else:
+        values = TEXT_VALUES.get(field.name, "")
+    return FlagDoc(names, values, shown(field.default), field.metadata["help"],
+                   field.metadata["section"])
+
+
+def flag_docs() -> list[FlagDoc]:
+    """Every flag of ``train.py``: ``--config`` and ``--validate``, then each field's."""
     hints = typing.get_type_hints(TrainingConfig)
-    for field in fields(TrainingConfig):
-        kind = hints[field.name]
-        flag = _flag(field.name)
+    return [*LAUNCH_FLAGS, *(describe(f, hints[f.name]) for f in fields(TrainingConfig))]
+
+
+LAUNCH_FLAGS = (
+    FlagDoc(("--config",), ", ".join(sorted(PRESETS)), DEFAULT_PRESET,
+            "the preset whose values replace the defaults below; flags override it", RUN.title),
+    FlagDoc(("--validate",), "", "off", "run the preflight checks (bucket, data, model, one "
+            "step, a checkpoint round trip) and exit", RUN.title),
+)
+
+
+def _help(doc: FlagDoc, has_choices: bool, preset_value: str, preset_name: str) -> str:
+    """The ``--help`` text: what it does, the range (not choices: argparse lists those), the
+    default, and ``preset_name``'s value where it differs ("%" escaped for argparse)."""
+    facts = [doc.values * (not has_choices), f"default: {doc.default}",
+             f"--config {preset_name}: {preset_value}" * (preset_value != doc.default)]
+    return f"{doc.help} [{'; '.join(filter(None, facts))}]".replace("%", "%%")
+
+
+def build_parser(prog: str = "train.py", preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """``train.py``'s parser: one flag per field, grouped by section. Every field's flag
+    defaults to None (not given: the preset's value stays); the help names ``preset``'s
+    values where they differ from the defaults."""
+    parser = OneLineParser(
+        prog=prog, allow_abbrev=False, formatter_class=WholeWordsFormatter,
+        usage="%(prog)s [-h] [--config PRESET] [--validate] [--FLAG VALUE | --[no-]SWITCH ...]",
+        description=f"Pretrain or fine-tune GPT-NeoX; see README.md. Each flag shows its "
+                    f"default and, where it differs, preset {preset}'s value "
+                    f"(--config NAME --help shows NAME's).")
+    groups = {section.title: parser.add_argument_group(section.title) for section in SECTIONS}
+    config_doc, validate_doc = LAUNCH_FLAGS
+    groups[RUN.title].add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                                   help=_help(config_doc, True, config_doc.default, preset))
+    groups[RUN.title].add_argument("--validate", action="store_true",
+                                   help=_help(validate_doc, False, validate_doc.default, preset))
+    hints = typing.get_type_hints(TrainingConfig)
+    for field, doc in zip(fields(TrainingConfig), flag_docs()[len(LAUNCH_FLAGS):], strict=True):
+        kind, group = hints[field.name], groups[doc.section]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        text = _help(doc, choices is not None, shown(getattr(PRESETS[preset], field.name)),
+                     preset)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=None)
-        else:  # a number's help is its range ("--max-files: >= 0 (0 = all)")
-            parser.add_argument(flag, type=kind, default=None, metavar=field.name.upper(),
-                                help=RANGES[field.name].rule() if kind in (int, float) else None)
+            group.add_argument(doc.names[0], action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif choices:
+            group.add_argument(doc.names[0], choices=choices, default=None, help=text)
+        else:
+            group.add_argument(doc.names[0], type=kind, default=None,
+                               metavar=field.name.upper(), help=text)
     return parser
+
+
+def chosen_preset(argv: list[str] | None, prog: str) -> str:
+    """The ``--config`` in ``argv`` (its help shows that preset's values), or the default
+    where none, or an unknown one, is given (the full parser then names the choices)."""
+    early = OneLineParser(prog=prog, allow_abbrev=False, add_help=False)
+    early.add_argument("--config", default=DEFAULT_PRESET)
+    name = early.parse_known_args(argv)[0].config
+    return name if name in PRESETS else DEFAULT_PRESET
 
 
 def parse_args(argv: list[str] | None = None,
                prog: str = "train.py") -> tuple[TrainingConfig, argparse.Namespace]:
     """Parse argv into a validated config; exits 2 with one line on bad input."""
-    parser = build_parser(prog)
+    parser = build_parser(prog, chosen_preset(argv, prog))
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainingConfig)
                  if getattr(args, f.name) is not None}
@@ -264,7 +367,7 @@ def check_numbers(config: TrainingConfig) -> None:
         if hints[field.name] in (int, float):
             problem = RANGES[field.name].problem(getattr(config, field.name))
             if problem:
-                raise ConfigError(f"{_flag(field.name)} {problem}")
+                raise ConfigError(f"{flag_name(field.name)} {problem}")
 
 
 def validate_lora(config: TrainingConfig) -> None:

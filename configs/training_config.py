@@ -1,15 +1,18 @@
 """One ``TrainingConfig`` dataclass and its presets: recipes as data.
 
 Every field is also a command-line flag under its own name with dashes
-(``configs/cli.py``), so a preset is only a set of defaults.
+(``configs/cli.py``), so a preset is only a set of defaults. Each field carries its help text
+and its section (:class:`Section`), from which ``--help`` and the README's flag reference are
+rendered.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, TypeVar
 
+T = TypeVar("T")
 QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
 # A run name is one path component everywhere it is used (outputs/<name>,
 # BUCKET/checkpoints/<name>, BUCKET/logs/<name>, shell commands): ".." or "a/b" would put a
@@ -24,104 +27,200 @@ def run_name_problem(flag: str, name: str) -> str | None:
     return None if RUN_NAME.fullmatch(name) else f"{flag} {name!r}: {RUN_NAME_RULE}"
 
 
+@dataclass(frozen=True)
+class Section:
+    """A group of flags, in ``--help`` and in the README's flag reference.
+
+    Calling a section makes a field: its default and its help text, written once here, next
+    to the field, so the parser (``configs/cli.py``) and the README's tables
+    (``configs/flag_table.py``) render the same words. The text says what the flag does and
+    its unit; the parser adds the default and the accepted range, so the text never repeats
+    them.
+    """
+
+    title: str
+
+    def __call__(self, default: T, help: str) -> T:
+        return field(default=default, metadata={"help": help, "section": self.title})
+
+
+RUN = Section("run and launch")
+MODEL = Section("model and precision")
+DATA = Section("data and streaming")
+BUCKET = Section("bucket and credentials")
+OPTIM = Section("optimisation")
+CHECKPOINTS = Section("checkpoints and uploads")
+LOGGING = Section("logging, evaluation and tracking")
+STAGES = Section("fine-tuning stages: LoRA SFT, DPO and GRPO")
+SECTIONS = (RUN, MODEL, DATA, BUCKET, OPTIM, CHECKPOINTS, LOGGING, STAGES)  # --help's order
+
+
 @dataclass
 class TrainingConfig:
-    # What to train: pretraining from scratch, or a LoRA stage on a base model.
-    stage: Literal["pretrain", "sft", "dpo", "grpo"] = "pretrain"
-    model: str = "tiny"
-    seq_len: int = 256
-    init_from: str = ""  # sft/dpo base: a checkpoint or HF folder, or "latest" (of --init-run)
-    init_run: str = "smoke"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_target_modules: str = "query_key_value,dense"
-    dpo_beta: float = 0.1
-    # GRPO: per prompt, sample a group of completions, reward them, push towards the better.
-    reward: str = "answer"  # comma-separated names from utils/stages/grpo.py's registry
-    reward_module: str = ""  # path.py defining reward(prompt, completion, example) -> float
-    grpo_group_size: int = 8
-    grpo_temperature: float = 1.0
-    grpo_max_new_tokens: int = 8
-    grpo_beta: float = 0.04  # KL penalty to the base (the model with its adapters off)
-    grpo_epsilon: float = 0.2  # PPO-style clipping of the probability ratio
-    grpo_epochs: int = 1  # optimisation passes over each batch of generations
-    group_by_length: bool = True  # LoRA stages: batches of similar lengths (less padding)
-    quantize_bits: int = 0  # LoRA on a 4- or 8-bit frozen base (QLoRA; MLX backend); 0 = off
-    topics: str = ""  # curriculum: a folder of topics, each with sft.jsonl and dpo.jsonl
-    merge: bool = False  # also write a merged Hugging Face model at the end of a LoRA stage
-    # Where things live. ``bucket`` is a gs:// URL or a local directory ("" = none).
-    data_dir: str = "data/training"
-    bucket: str = ""
-    data_prefix: str = "training"
-    sync_data: bool = False
-    max_files: int = 0
-    # A weighted mixture of sub-folders of data_dir (and of the bucket's data prefix):
-    # "web=0.7,code=0.3", or a JSON file {"web": 0.7, "code": 0.3}; "" = one source.
-    data_mix: str = ""
-    # Stream shards from the bucket while training instead of syncing them all first.
-    stream: bool = False
-    prefetch_shards: int = 4  # streaming: shards fetched ahead of the one being read
-    shuffle_block_shards: int = 8  # streaming: windows shuffle within blocks of this many shards
-    cache_limit_gb: float = 0.0  # streaming: keep the local shards under this (0 = no limit)
-    credentials: str = ""
-    billing_project: str = ""  # requester-pays buckets: the project billed for requests
-    output_dir: str = ""
-    run_name: str = ""
-    # Optimisation.
-    max_steps: int = 200
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    # Precision and speed.
-    mixed_precision: Literal["bf16", "fp16", "no"] = "no"
-    compile: bool = False
-    # What torch.compile wraps: each transformer layer ("layers": regional, fullgraph, quick to
-    # compile) or the whole model ("model").
-    compile_scope: Literal["layers", "model"] = "layers"
-    # Pretraining attention: "causal" (no mask, flash/cuDNN eligible) or "sdpa" (transformers'
-    # own, which builds a dense mask under compile; kept for benchmarks).
-    attention: Literal["causal", "sdpa"] = "causal"
-    # The LM head and cross-entropy run over this many tokens at a time, so full fp32 logits
-    # never exist (0 = all at once, the plain transformers path).
-    loss_chunk_tokens: int = 4096
-    fp8: bool = False  # torchao float8 training of the transformer's linear layers (sm89+ GPUs)
-    backend: Literal["torch", "mlx"] = "torch"
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    # Logging, evaluation, checkpoints.
-    report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb; or none
-    wandb_project: str = ""  # default: the project named in the environment, else "harness"
-    wandb_entity: str = ""
-    log_upload_minutes: float = 5.0  # with a bucket: mirror logs to BUCKET/logs/<run_name>
-    logging_steps: int = 10
-    eval_steps: int = 100
-    eval_windows: int = 64
-    save_steps: int = 100
-    save_interval_minutes: float = 0.0  # also save when this much time passed (0 = off)
-    save_total_limit: int = 3
-    remote_keep: int = 0  # complete checkpoints kept in the bucket (0 = all)
-    keep_every_steps: int = 0  # ...plus, forever, every checkpoint whose step is a multiple
-    # On SIGTERM/SIGINT: finish the step, save, upload what fits, exit 0 within this many
-    # seconds of the signal (Compute Engine gives Spot VMs 30 s).
-    preemption_budget_s: float = 25.0
-    background_upload: bool = True
-    upload_timeout_s: float = 60.0  # a SIGTERM during the end-of-run upload wait cuts it to this
-    final_upload_timeout_s: float = 3600.0  # at the normal end of training
-    resume: str = ""
-    # A run name that already has checkpoints is refused without --resume; --overwrite
-    # deletes them (locally and in the bucket) and starts over.
-    overwrite: bool = False
-    allow_seed_change: bool = False  # resume with another --seed (order and eval split change)
-    peak_tflops: float = 0.0
+    """Every setting of a run; each field is the flag of the same name with dashes.
+
+    Sections and help texts live in the fields' metadata only: checkpoints and trackers still
+    record the flat dict (``record()``), so ``TrainingConfig(**recorded)`` reads back any
+    checkpoint, including those written before the help texts existed.
+    """
+
+    stage: Literal["pretrain", "sft", "dpo", "grpo"] = STAGES(
+        "pretrain", "pretrain a model from scratch, or train LoRA adapters on --init-from")
+    model: str = MODEL(
+        "tiny", "GPT-NeoX size (configs/model_config.py), built from config, never downloaded")
+    seq_len: int = MODEL(
+        256, "the pretraining window; longer SFT/DPO examples are cut, a GRPO prompt and its "
+             "completion fit in it")
+    init_from: str = STAGES(
+        "", "the LoRA base: a checkpoint or Hugging Face GPT-NeoX folder, or latest (or a "
+            "checkpoint name) of --init-run")
+    init_run: str = STAGES(
+        "smoke", "the run whose checkpoints --init-from latest picks from (outputs/RUN, else "
+                 "BUCKET/checkpoints/RUN)")
+    lora_r: int = STAGES(16, "LoRA rank of each adapter")
+    lora_alpha: int = STAGES(32, "LoRA scale numerator: adapter updates are scaled by alpha / r")
+    lora_dropout: float = STAGES(0.1, "dropout probability on the adapters' input")
+    lora_target_modules: str = STAGES(
+        "query_key_value,dense", "the GPT-NeoX linear layers that get adapters")
+    dpo_beta: float = STAGES(
+        0.1, "DPO beta: how far the policy may move from the reference (the base, adapters "
+             "off); larger = closer")
+    reward: str = STAGES(
+        "answer", "GRPO: comma-separated built-in rewards (REWARDS in utils/stages/grpo.py), "
+                  "averaged per completion")
+    reward_module: str = STAGES(
+        "", "GRPO: a .py file defining reward(prompt, completion, example) -> float, used too "
+            "(trusted code: it is run as is)")
+    grpo_group_size: int = STAGES(8, "GRPO: completions sampled per prompt")
+    grpo_temperature: float = STAGES(1.0, "GRPO: sampling temperature of the completions")
+    grpo_max_new_tokens: int = STAGES(8, "GRPO: longest completion, in tokens")
+    grpo_beta: float = STAGES(
+        0.04, "GRPO: weight of the KL penalty to the base (the model with its adapters off)")
+    grpo_epsilon: float = STAGES(
+        0.2, "GRPO: PPO-style clipping of the probability ratio to 1 +- epsilon")
+    grpo_epochs: int = STAGES(
+        1, "GRPO: optimizer updates on each batch of generations (TRL's num_iterations)")
+    group_by_length: bool = STAGES(
+        True, "LoRA stages: batch examples of similar length (less padding)")
+    quantize_bits: int = STAGES(
+        0, "QLoRA: the frozen base's linear layers in 4 or 8 bits (MLX backend only)")
+    topics: str = STAGES(
+        "", "curriculum: a folder of topics, each with sft.jsonl, dpo.jsonl (and grpo.jsonl), "
+            "trained in turn; empty = off")
+    merge: bool = STAGES(
+        False, "also write a merged Hugging Face model (OUTPUT_DIR/merged) at the end of a "
+               "LoRA stage")
+    data_dir: str = DATA(
+        "data/training", "local data: pretraining shards (.npy/.npz/.bin, nested) or the "
+                         "stage's .jsonl files; where --sync-data and --stream write")
+    bucket: str = BUCKET(
+        "", "gs://NAME/PREFIX or a local folder: data source, checkpoint and log destination; "
+            "empty = none ($HARNESS_BUCKET with --sync-data)")
+    data_prefix: str = DATA("training", "where the data lives in the bucket: BUCKET/DATA_PREFIX")
+    sync_data: bool = DATA(
+        False, "download BUCKET/DATA_PREFIX into --data-dir before training (skips files "
+               "already there)")
+    max_files: int = DATA(0, "use only the first N data files, in path order")
+    data_mix: str = DATA(
+        "", "pretraining mixture of --data-dir sub-folders: web=0.7,code=0.3 or a JSON file of "
+            "the same; empty = one source")
+    stream: bool = DATA(
+        False, "pretraining: fetch shards from the bucket while training instead of syncing "
+               "them first")
+    prefetch_shards: int = DATA(4, "streaming: shards fetched ahead of the one being read")
+    shuffle_block_shards: int = DATA(
+        8, "streaming: windows shuffle within blocks of this many shards (more = more mixing, "
+           "more disk)")
+    cache_limit_gb: float = DATA(0.0, "streaming: keep the local shards under this size")
+    credentials: str = BUCKET(
+        "", "service-account JSON key file (a bare name is looked up in credentials/); empty = "
+            "$GOOGLE_APPLICATION_CREDENTIALS, then Application Default Credentials")
+    billing_project: str = BUCKET(
+        "", "requester-pays buckets: the GCP project billed for requests; empty = "
+            "$HARNESS_BILLING_PROJECT")
+    output_dir: str = RUN(
+        "", "local folder for checkpoints, logs and metrics.jsonl; empty = outputs/RUN_NAME")
+    run_name: str = RUN(
+        "", "the run's name: outputs/RUN_NAME, BUCKET/checkpoints/RUN_NAME, BUCKET/logs/RUN_NAME")
+    max_steps: int = OPTIM(200, "optimizer steps to train; the learning rate decays to it")
+    per_device_train_batch_size: int = OPTIM(
+        8, "sequences per process per micro-batch (GRPO: prompts, each sampled "
+           "--grpo-group-size times)")
+    gradient_accumulation_steps: int = OPTIM(1, "micro-batches summed into each optimizer step")
+    learning_rate: float = OPTIM(
+        3e-4, "peak learning rate, reached after --warmup-steps, then cosine decay")
+    min_lr_ratio: float = OPTIM(
+        0.1, "the learning rate at --max-steps, as a fraction of --learning-rate")
+    warmup_steps: int = OPTIM(20, "optimizer steps of linear warmup")
+    weight_decay: float = OPTIM(0.1, "AdamW weight decay of the matrices (not biases or norms)")
+    adam_beta1: float = OPTIM(0.9, "AdamW beta1: decay of the gradient's running mean")
+    adam_beta2: float = OPTIM(0.95, "AdamW beta2: decay of the squared gradient's running mean")
+    adam_epsilon: float = OPTIM(1e-8, "AdamW epsilon, added to the update's denominator")
+    max_grad_norm: float = OPTIM(1.0, "clip the gradients' global L2 norm to this")
+    seed: int = RUN(
+        42, "seeds the model's initialisation, the data order and the held-out split")
+    mixed_precision: Literal["bf16", "fp16", "no"] = MODEL(
+        "no", "compute precision over fp32 weights: bf16, fp16 (torch only) or no (fp32)")
+    compile: bool = MODEL(False, "compile the model (torch.compile) or the step (mx.compile)")
+    compile_scope: Literal["layers", "model"] = MODEL(
+        "layers", "what torch.compile wraps: each transformer layer (quick to compile) or the "
+                  "whole model")
+    attention: Literal["causal", "sdpa"] = MODEL(
+        "causal", "pretraining attention (torch): causal SDPA with no mask (flash/cuDNN "
+                  "eligible), or transformers' sdpa (a dense mask under compile; benchmarks)")
+    loss_chunk_tokens: int = MODEL(
+        4096, "torch: the LM head and cross-entropy run over this many tokens at a time, so "
+              "full fp32 logits never exist")
+    fp8: bool = MODEL(
+        False, "torchao float8 training of the transformer's linear layers (pretraining; "
+               "sm89+ GPUs)")
+    backend: Literal["torch", "mlx"] = RUN(
+        "torch", "training engine: torch (accelerate: CPU, CUDA, DDP/FSDP) or mlx (MLX)")
+    num_workers: int = DATA(0, "torch DataLoader worker processes per training process")
+    prefetch_factor: int = DATA(
+        2, "batches each DataLoader worker reads ahead (with --num-workers above 0)")
+    report_to: str = LOGGING(
+        "tensorboard", "trackers besides metrics.jsonl")
+    wandb_project: str = LOGGING(
+        "", "W&B project; empty = $WANDB_PROJECT, else harness")
+    wandb_entity: str = LOGGING("", "W&B team or user; empty = your default entity")
+    log_upload_minutes: float = LOGGING(
+        5.0, "with a bucket: copy the logs and metrics.jsonl to BUCKET/logs/RUN_NAME this "
+             "often, in minutes")
+    logging_steps: int = LOGGING(10, "log metrics every this many optimizer steps, and at the last")
+    eval_steps: int = LOGGING(
+        100, "evaluate on the held-out data every this many optimizer steps, and at the last")
+    eval_windows: int = LOGGING(
+        64, "held-out windows for evaluation (LoRA stages: examples, at most a tenth of them)")
+    save_steps: int = CHECKPOINTS(
+        100, "save a checkpoint every this many optimizer steps, and at the last")
+    save_interval_minutes: float = CHECKPOINTS(
+        0.0, "also save when this many minutes passed since the last save")
+    save_total_limit: int = CHECKPOINTS(
+        3, "complete checkpoints kept locally (an older one goes once a newer one is in the "
+           "bucket)")
+    remote_keep: int = CHECKPOINTS(0, "complete checkpoints kept in the bucket")
+    keep_every_steps: int = CHECKPOINTS(
+        0, "keep forever every checkpoint whose step is a multiple of this (in the bucket, "
+           "else locally)")
+    preemption_budget_s: float = CHECKPOINTS(
+        25.0, "on SIGTERM/SIGINT: finish the step, save, upload what fits and exit 0 within "
+              "this budget")
+    background_upload: bool = CHECKPOINTS(
+        True, "upload checkpoints on a background thread while training goes on")
+    upload_timeout_s: float = CHECKPOINTS(
+        60.0, "the longest wait for uploads after a signal or a crash")
+    final_upload_timeout_s: float = CHECKPOINTS(
+        3600.0, "the longest wait for uploads at the normal end of training")
+    resume: str = CHECKPOINTS(
+        "", "latest (the newest good checkpoint, local or bucket) or a checkpoint name; "
+            "empty = start fresh")
+    overwrite: bool = CHECKPOINTS(
+        False, "a run name that has checkpoints: delete them (locally and in the bucket) and "
+               "start over")
+    allow_seed_change: bool = CHECKPOINTS(
+        False, "resume with another --seed (the data order and held-out split change)")
+    peak_tflops: float = LOGGING(0.0, "the device's dense peak in TFLOP/s, the MFU denominator")
 
     @property
     def effective_output_dir(self) -> str:
