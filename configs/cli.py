@@ -244,18 +244,19 @@ def describe(field: Field, kind: object) -> FlagDoc:
                    field.metadata["section"])
 
 
-def flag_docs() -> list[FlagDoc]:
-    """Every flag of ``train.py``: ``--config`` and ``--validate``, then each field's."""
-    hints = typing.get_type_hints(TrainingConfig)
-    return [*LAUNCH_FLAGS, *(describe(f, hints[f.name]) for f in fields(TrainingConfig))]
-
-
+# train.py's own flags, which are no TrainingConfig field.
 LAUNCH_FLAGS = (
     FlagDoc(("--config",), ", ".join(sorted(PRESETS)), DEFAULT_PRESET,
             "the preset whose values replace the defaults below; flags override it", RUN.title),
     FlagDoc(("--validate",), "", "off", "run the preflight checks (bucket, data, model, one "
             "step, a checkpoint round trip) and exit", RUN.title),
 )
+
+
+def flag_docs() -> list[FlagDoc]:
+    """Every flag of ``train.py``: ``--config`` and ``--validate``, then each field's."""
+    hints = typing.get_type_hints(TrainingConfig)
+    return [*LAUNCH_FLAGS, *(describe(f, hints[f.name]) for f in fields(TrainingConfig))]
 
 
 def _help(doc: FlagDoc, has_choices: bool, preset_value: str, preset_name: str) -> str:
@@ -283,8 +284,10 @@ def build_parser(prog: str = "train.py", preset: str = DEFAULT_PRESET) -> argpar
     groups[RUN.title].add_argument("--validate", action="store_true",
                                    help=_help(validate_doc, False, validate_doc.default, preset))
     hints = typing.get_type_hints(TrainingConfig)
-    for field, doc in zip(fields(TrainingConfig), flag_docs()[len(LAUNCH_FLAGS):], strict=True):
-        kind, group = hints[field.name], groups[doc.section]
+    for field in fields(TrainingConfig):
+        kind = hints[field.name]
+        doc = describe(field, kind)
+        group = groups[doc.section]
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
         text = _help(doc, choices is not None, shown(getattr(PRESETS[preset], field.name)),
                      preset)

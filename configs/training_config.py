@@ -75,8 +75,8 @@ class TrainingConfig:
         "", "the LoRA base: a checkpoint or Hugging Face GPT-NeoX folder, or latest (or a "
             "checkpoint name) of --init-run")
     init_run: str = STAGES(
-        "smoke", "the run whose checkpoints --init-from latest picks from (outputs/RUN, else "
-                 "BUCKET/checkpoints/RUN)")
+        "smoke", "the run whose checkpoints --init-from latest picks from "
+                 "(outputs/RUN/checkpoints, else BUCKET/checkpoints/RUN)")
     lora_r: int = STAGES(16, "LoRA rank of each adapter")
     lora_alpha: int = STAGES(32, "LoRA scale numerator: adapter updates are scaled by alpha / r")
     lora_dropout: float = STAGES(0.1, "dropout probability on the adapters' input")
@@ -86,8 +86,8 @@ class TrainingConfig:
         0.1, "DPO beta: how far the policy may move from the reference (the base, adapters "
              "off); larger = closer")
     reward: str = STAGES(
-        "answer", "GRPO: comma-separated built-in rewards (REWARDS in utils/stages/grpo.py), "
-                  "averaged per completion")
+        "answer", "GRPO: comma-separated rewards (REWARDS in utils/stages/grpo.py, or "
+                  "--reward-module's file stem), averaged per completion")
     reward_module: str = STAGES(
         "", "GRPO: a .py file defining reward(prompt, completion, example) -> float, used too "
             "(trusted code: it is run as is)")
@@ -146,7 +146,8 @@ class TrainingConfig:
     per_device_train_batch_size: int = OPTIM(
         8, "sequences per process per micro-batch (GRPO: prompts, each sampled "
            "--grpo-group-size times)")
-    gradient_accumulation_steps: int = OPTIM(1, "micro-batches summed into each optimizer step")
+    gradient_accumulation_steps: int = OPTIM(
+        1, "micro-batches accumulated into each optimizer step")
     learning_rate: float = OPTIM(
         3e-4, "peak learning rate, reached after --warmup-steps, then cosine decay")
     min_lr_ratio: float = OPTIM(
