@@ -7,7 +7,9 @@ The GCS client is imported only when a gs:// URL is opened: the GPU machines tra
 local store and do not have google-cloud-storage installed.
 
 Modules: ``base`` (the Store interface, ObjectInfo, errors), ``hashing`` (crc32c/md5 and the
-hash cache), ``local`` and ``gcs`` (the backends), ``credentials`` (Google keys;
+hash cache), ``local`` and ``gcs`` (the backends), ``slices`` (large files as slices on
+parallel streams: the plan, positioned readers and writers, the thread runner), ``gcs_http``
+(the session adapter that makes request timeouts no-progress limits), ``credentials`` (Google keys;
 check_credentials_value refuses a key's contents where its path belongs), ``urls``
 (open_store; open_bucket for a config's bucket, credentials and requester-pays billing project)
 and ``sync`` (sync_down/sync_up).
