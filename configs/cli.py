@@ -135,6 +135,7 @@ RANGES: dict[str, Range] = {
     "remote_keep": count(0, "0 = all"),
     "keep_every_steps": count(0, "0 = off"),
     "preemption_budget_s": Range(1, 3600, low_open=True, note="seconds; Spot VMs give 30"),
+    "upload_streams": Range(1, 256, note="1 = one stream per file"),
     "upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "final_upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "peak_tflops": Range(0, 1e6, note="0 = the built-in table"),

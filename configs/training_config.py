@@ -209,6 +209,9 @@ class TrainingConfig:
               "this budget")
     background_upload: bool = CHECKPOINTS(
         True, "upload checkpoints on a background thread while training goes on")
+    upload_streams: int = CHECKPOINTS(
+        16, "parallel connections to the bucket: a file over 12 MiB moves as that many "
+            "slices (uploads, resume downloads and data sync)")
     upload_timeout_s: float = CHECKPOINTS(
         60.0, "the longest wait for uploads after a signal or a crash")
     final_upload_timeout_s: float = CHECKPOINTS(

@@ -334,3 +334,37 @@ def test_if_absent_compose_refuses_an_existing_object(
         proxy.stop()
     assert direct.blob("taken.bin").download_as_bytes() == b"theirs"
     assert sorted(b.name for b in direct.client.list_blobs(direct)) == ["taken.bin"]
+
+
+# ---------------------------------------------------------------- a run over a slow link
+
+@pytest.mark.slow
+def test_a_smoke_checkpoint_crosses_a_1_mb_per_s_link_and_a_fresh_vm_resumes(
+        emulator: ProxiedEmulator, bucket: str, sample_data: Path, tmp_path: Path) -> None:
+    """Every connection at 1 MB/s: train.py's checkpoint (~51 MB) reaches the bucket at 16
+    streams at least 4x faster than one stream can move it (its bytes at 1 MB/s), parts an
+    earlier killed upload left are removed first, and a fresh output dir resumes from it."""
+    from helpers import metrics, train
+
+    from utils import checkpoint
+
+    stale = "checkpoints/link/.parts/model.safetensors.0badc0de/00000"
+    open_store(bucket).write_bytes(stale, b"left by a killed upload")
+    emulator.proxy.rate = 1 * MB
+    args = ["--data-dir", str(sample_data), "--bucket", bucket, "--run-name", "link",
+            "--max-steps", "2", "--save-steps", "2", "--upload-streams", "16"]
+    first = train(tmp_path, "first", [*args, "--output-dir", str(tmp_path / "vm1")])
+    assert first.proc.returncode == 0, first.stderr[-2000:]
+    assert "removed 1 part(s) of interrupted uploads" in first.stdout
+    assert stale not in _raw_names(emulator, bucket)
+    event = metrics(tmp_path / "vm1", "checkpoint")[-1]
+    ckpt = tmp_path / "vm1" / "checkpoints" / event["name"]
+    size = sum(info["size"] for info in checkpoint.read_manifest(ckpt).values())
+    print(f"{size / MB:.0f} MB checkpoint at 1 MB/s per connection, 16 streams: uploaded in "
+          f"{event['upload_s']:.1f} s (one stream needs >= {size / MB:.0f} s)")
+    assert event["upload_s"] is not None and event["upload_s"] * 4 <= size / MB
+
+    second = train(tmp_path, "second", [*args, "--output-dir", str(tmp_path / "vm2"),
+                                        "--resume", "latest", "--max-steps", "3"])
+    assert second.proc.returncode == 0, second.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'vm2' / 'checkpoints' / event['name']}" in second.stdout

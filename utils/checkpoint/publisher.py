@@ -84,6 +84,7 @@ class CheckpointPublisher:
         # belongs to another run id. The loop stops on it; uploads stop at once.
         self.ownership_lost: Callable[[], str] = lambda: ""
         self.conflict = ""
+        self._parts_cleaned = False  # parts a killed upload left: removed before the first
         self._lock = threading.Lock()
         self._pending: set[str] = set()     # submitted, not yet finished (marking or uploading)
         self._to_mark: queue.Queue[Path | None] = queue.Queue()
@@ -297,8 +298,26 @@ class CheckpointPublisher:
                 self.log(f"checkpoint {item.name} not uploaded: {first_line(err)}; it stays local")
                 self._finish(item.name, uploaded=False, reason=first_line(err))
 
+    def _remove_stale_parts(self) -> None:
+        """Before this run's first upload: the hidden slices a killed upload left in the run's
+        folder (never counted, but stored and billed). Safe then: the run lease means no
+        other process uploads there."""
+        if self._parts_cleaned:
+            return
+        self._parts_cleaned = True
+        try:
+            removed = self.store.remove_stale_parts(self.remote_prefix)
+        except StorageError as err:
+            self.log(f"could not remove parts of interrupted uploads ({first_line(err)}); they "
+                     f"are never counted, and the next start tries again")
+            return
+        if removed:
+            self.log(f"removed {removed} part(s) of interrupted uploads from "
+                     f"{self.store.url}/{self.remote_prefix}")
+
     def _publish(self, ckpt_dir: Path) -> None:
         """Verify, upload with bounded retries, then prune; one line whatever the outcome."""
+        self._remove_stale_parts()
         record = self._record(ckpt_dir.name)
         problem = checkpoint.verify(ckpt_dir, hashes=True)
         if problem:

@@ -70,6 +70,5 @@ def open_bucket(settings: BucketSettings, retry_deadline_s: float = 120.0) -> St
         credentials=settings.credentials or None,
         retry_deadline_s=retry_deadline_s,
         billing_project=settings.billing_project or None,
-        # Until every settings object has the field (TrainingConfig gains --upload-streams).
-        streams=getattr(settings, "upload_streams", DEFAULT_STREAMS),
+        streams=settings.upload_streams,
     )
