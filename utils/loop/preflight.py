@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from configs.model_config import count_parameters, hf_config_for
@@ -172,12 +173,16 @@ def _check_checkpoint(ctx: dict) -> str:
         engine.wait_for_everyone()
         ctx["save_s"] = (blocking, time.perf_counter() - started)
         write_manifest(path)
+        ctx["size"] = sum(f.stat().st_size for f in path.iterdir())
         ctx["upload_s"] = _timed_upload(ctx.get("store"), path)
+        if ctx.get("store") is not None and ctx["config"].upload_streams > 1:
+            single = open_bucket(replace(ctx["config"], upload_streams=1))
+            ctx["single_upload_s"] = _timed_upload(single, path)
         engine.train_step([_batch(ctx)], 1)
         moved = _eval_loss(ctx)
         engine.load(path)
         after = _eval_loss(ctx)
-        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        size = ctx["size"] / 2**20
     if after != before:
         raise RuntimeError(f"loss {after} after reloading, {before} when saved")
     return (f"{size:.1f} MiB written (training blocked {blocking:.2f} s, "
@@ -201,19 +206,30 @@ def _timed_upload(store, path: Path) -> float | None:
 
 
 def _check_budget(ctx: dict) -> str:
-    """Whether a signal's emergency save (and upload) fits --preemption-budget-s."""
+    """Whether a signal's emergency save (and upload) fits --preemption-budget-s, with the
+    upload measured at --upload-streams and at one stream, side by side."""
     if "save_s" not in ctx:
         raise Skip("needs the checkpoint round trip")
-    budget, (_, save_s), upload_s = (ctx["config"].preemption_budget_s, ctx["save_s"],
-                                     ctx["upload_s"])
+    config = ctx["config"]
+    budget, (_, save_s), upload_s = config.preemption_budget_s, ctx["save_s"], ctx["upload_s"]
     total = save_s + (upload_s or 0.0)
-    upload = "no bucket" if upload_s is None else f"upload {upload_s:.1f} s"
     if save_s > budget:
         raise RuntimeError(f"saving takes {save_s:.1f} s, more than --preemption-budget-s "
                            f"{budget:.0f}: a preemption would lose the checkpoint; save more "
                            f"often (--save-interval-minutes) or use a faster local disk")
-    fits = "fits" if total <= budget else "does not fit (the rest uploads at the next start)"
-    return f"save {save_s:.1f} s + {upload} = {total:.1f} s of {budget:.0f} s: {fits}"
+    fits = (f"fits the {budget:.0f} s budget" if total <= budget else
+            f"does not fit the {budget:.0f} s budget (the rest uploads at the next start)")
+    size = ctx["size"]
+    head = f"{config.model} checkpoint {size / 1e9:.2f} GB: save {save_s:.1f} s"
+    if upload_s is None:
+        return f"{head}, no bucket: {fits}"
+    upload = (f"upload {upload_s:.1f} s at {config.upload_streams} stream(s) "
+              f"({size / max(upload_s, 1e-9) / 1e9:.2f} GB/s measured)")
+    single = ctx.get("single_upload_s")
+    if single is not None:
+        upload += (f"; 1 stream {single:.1f} s ({size / max(single, 1e-9) / 1e9:.2f} GB/s): "
+                   f"{single / max(upload_s, 1e-9):.1f}x from parallel streams")
+    return f"{head} + {upload} = {total:.1f} s: {fits}"
 
 
 def _check_logdir(ctx: dict) -> str:
