@@ -357,8 +357,9 @@ class Trainer:
         if self.main:  # after a signal the logs get what the checkpoint left of the budget
             left = self._budget_left()
             self.trackers.close(timeout=left)
-            if self.log_mirror is not None:
-                self.log_mirror.close(config.upload_timeout_s if left is None else left)
+            if self.log_mirror is not None:  # a normal end's own bound, within the budget
+                bound = math.inf if stopped_early else config.upload_timeout_s
+                self.log_mirror.close(bound if left is None else min(bound, left))
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
                 merged = self.engine.merge(self.saved[-1] if self.saved
