@@ -29,7 +29,7 @@ from utils.errors import CheckpointError, StorageError, first_line
 from utils.storage import ObjectExists, ObjectNotFound, Store
 
 LEASE = "LEASE.json"
-TTL_S = 120.0  # a lease not renewed for this long belongs to a run that died
+TTL_S = 60.0  # a lease not renewed for this long belongs to a run that died
 RENEW_S = TTL_S / 4
 
 

@@ -49,6 +49,9 @@ from utils.stages.task import Task, build_task
 from utils.streaming import StopWatch, WaitStopped
 
 EXIT_S = 1.0  # of a preemption budget, kept for the process to exit (see run._exit_now)
+# The run lease's release (two small requests): bounded, since an unreleased lease only
+# expires (at once for a restart on this machine, after its TTL elsewhere).
+RELEASE_S, RELEASE_AFTER_SIGNAL_S = 5.0, 1.0
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
@@ -216,8 +219,9 @@ class Trainer:
             if self.task.feed is not None:
                 self.stop_watch.close()
                 self.task.feed.close()
-            if self.claim is not None:  # within what a signal's budget left
-                self.claim.release(min(5.0, max(0.2, self.exit_by - time.monotonic())))
+            if self.claim is not None:  # a bucket that hangs must not hold the exit
+                self.claim.release(RELEASE_S if self._budget_left() is None else
+                                   min(RELEASE_AFTER_SIGNAL_S, self._budget_left()))
 
     def _baseline_reward(self) -> None:
         """GRPO: the base's held-out reward before any step, what the run improves on."""
