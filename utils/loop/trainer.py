@@ -194,8 +194,8 @@ class Trainer:
         """Train to ``max_steps`` (or a preemption); returns the run's summary."""
         config, state = self.config, self.state
         start_step, start_tokens, started = state.step, state.tokens_seen, time.perf_counter()
-        if self.task.stage == "grpo" and state.step == 0:
-            self._baseline_reward()
+        if self.task.eval_before_training and state.step == 0:
+            self._baseline_eval()
         bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
                    disable=not self.main, dynamic_ncols=True)
         stopped_early = False
@@ -223,13 +223,15 @@ class Trainer:
                 self.claim.release(RELEASE_S if self._budget_left() is None else
                                    min(RELEASE_AFTER_SIGNAL_S, self._budget_left()))
 
-    def _baseline_reward(self) -> None:
-        """GRPO: the base's held-out reward before any step, what the run improves on."""
-        reward = evaluate(self.engine, self.task, self.config.per_device_train_batch_size)
-        self.say(f"eval_reward before training: {reward:.4f}")
+    def _baseline_eval(self) -> None:
+        """The held-out number before any step (GRPO: the base's reward), what the run
+        improves on."""
+        key = self.task.eval_metric
+        value = evaluate(self.engine, self.task, self.config.per_device_train_batch_size)
+        self.say(f"{key} before training: {value:.4f}")
         if self.main:
-            self.metrics.write({"step": 0, "eval_reward": reward})
-            self.trackers.log({"eval_reward": reward}, 0)
+            self.metrics.write({"step": 0, key: value})
+            self.trackers.log({key: value}, 0)
 
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -331,8 +333,7 @@ class Trainer:
                                           in self.sampler.taken_by_source().items()}
         record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
         if due(state.step, config.eval_steps, config.max_steps):
-            # GRPO's held-out number is the mean reward of greedy completions.
-            key = "eval_reward" if self.task.stage == "grpo" else "eval_loss"
+            key = self.task.eval_metric
             self.eval_loss = record[key] = evaluate(
                 self.engine, self.task, config.per_device_train_batch_size)
         if self.main:
