@@ -128,7 +128,7 @@ def test_two_runs_of_one_name_started_together_never_mix(sample_data, gcs_bucket
     bucket is the winner's."""
     store = open_store(gcs_bucket, retry_deadline_s=20)
     prefix = "checkpoints/same"
-    for attempt, order in enumerate([("a", "b"), ("b", "a")] * 3):
+    for attempt, order in enumerate(([("a", "b"), ("b", "a")] * 3)[:5]):
         trial = tmp_path / f"trial{attempt}"
         trial.mkdir()
         runs = _race(gcs_bucket, trial, sample_data, order)

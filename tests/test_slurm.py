@@ -199,7 +199,7 @@ def test_sbatch_trains_smoke_on_two_ranks_over_gloo(slurm: SlurmCluster, tmp_pat
     assert [m["step"] for m in metrics(out)] == [1, 2]
     # Rank 1 trained too: the checkpoint holds every rank's RNG state, and the launcher kept
     # a copy of each rank's output.
-    (ckpt,) = (out / "checkpoints").iterdir()
+    (ckpt,) = (p for p in (out / "checkpoints").iterdir() if p.is_dir())  # beside HEAD.json
     assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt",
                                                                    "rng_state_1.pt"]
     config = json.loads((ckpt / "trainer_state.json").read_text())["config"]
