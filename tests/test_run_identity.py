@@ -55,8 +55,9 @@ def _checkpoint(root: Path, step: int, run_id: str = "r1", lineage_: list[str] |
 # ---------------------------------------------------------------- what --overwrite deletes
 
 def test_overwrite_deletes_exactly_this_runs_checkpoint_folders(sample_data, tmp_path):
-    """A bucket holding data, another run, a nested run's folder and notes: ``--overwrite``
-    deletes the run's own checkpoint folders and nothing else (listed before and after)."""
+    """A bucket holding data, another run, a nested run's folder and notes: pruning and then
+    ``--overwrite`` delete the run's own checkpoint folders and nothing else (listed before
+    and after)."""
     bucket = tmp_path / "bucket"
     foreign = {"training/web/shard_00001.npy": b"data", "checkpoints/other/notes.txt": b"n",
                "checkpoints/exp/v2/checkpoint-epoch0-step1-files1/COMPLETE.json": b"{}",
@@ -65,11 +66,15 @@ def test_overwrite_deletes_exactly_this_runs_checkpoint_folders(sample_data, tmp
         (bucket / name).parent.mkdir(parents=True, exist_ok=True)
         (bucket / name).write_bytes(data)
     out = tmp_path / "out"
-    first = train(tmp_path, "first", _args(sample_data, out, str(bucket), "exp"))
+    # Pruning first: 3 checkpoints, one kept here and one in the bucket.
+    first = train(tmp_path, "first", _args(sample_data, out, str(bucket), "exp",
+                                           "--max-steps", "3", "--save-total-limit", "1",
+                                           "--remote-keep", "1"))
     assert first.proc.returncode == 0, first.stderr[-2000:]
     before = _listing(bucket)
     ours = {n for n in before if n.startswith("checkpoints/exp/checkpoint-")}
-    assert ours and all(before[n] == data for n, data in foreign.items())
+    assert {n.split("/")[2] for n in ours} == {"checkpoint-epoch0-step3-files1"}  # pruned
+    assert all(before[n] == data for n, data in foreign.items())  # and nothing else
 
     again = train(tmp_path, "again", _args(sample_data, out, str(bucket), "exp", "--overwrite"))
     assert again.proc.returncode == 0, again.stderr[-2000:]
