@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from utils import checkpoint
@@ -17,6 +18,23 @@ from utils.storage import Store
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config", "smoke", "--seq-len", "64", "--per-device-train-batch-size", "4",
         "--eval-steps", "1000", "--eval-windows", "8", "--logging-steps", "1"]
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (mount's -o size=, e.g. "160k") at ``mount``: a disk that
+    fills up on demand. Skips the test where mounting needs a root this process lacks."""
+    import pytest
+
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 class Run:

@@ -5,11 +5,11 @@ real small tmpfs (mounting needs root: skipped elsewhere); the data and stores a
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import tmpfs
 from test_streaming import SEQ, Stream, make_dataset
 
 from utils.data import TokenWindows, find_shards
@@ -25,14 +25,8 @@ ROOM = r"\(it needs about [\d,.]+ MiB, [\d,.]+ MiB are free\)"
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 160 KiB tmpfs: the dataset's metadata and a few of its ~14 KB shards, not all 26."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "160k") as mount:
+        yield mount
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gcs_emulator import FaultProxy
-from helpers import Run, remote_problems, train
+from helpers import Run, remote_problems, tmpfs, train
 
 from utils import checkpoint
 from utils.storage import open_store
@@ -182,14 +181,8 @@ def test_token_ids_beyond_the_vocabulary_name_the_shard(sample_data, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 72 MiB tmpfs: room for one checkpoint of the tiny model (~51 MB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=72m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "72m") as mount:
+        yield mount
 
 
 def test_a_full_disk_while_saving_is_one_line_and_loses_nothing(sample_data, small_disk,
