@@ -146,6 +146,7 @@ def _mix_args(data: Path, out: Path, bucket: str, *extra: str) -> list[str]:
             "--per-device-train-batch-size", "8", *extra]
 
 
+@pytest.mark.slow
 def test_a_two_source_mixture_from_the_bucket_holds_its_shares_every_step(
         mix_data, gcs_bucket, tmp_path):
     sync_up(mix_data, open_store(gcs_bucket).child("training"))
@@ -172,6 +173,7 @@ def test_a_two_source_mixture_from_the_bucket_holds_its_shares_every_step(
     assert set(state["position"]["sources"]) == {"web", "code"}
 
 
+@pytest.mark.slow
 def test_a_killed_mixture_run_resumes_with_identical_losses(mix_data, tmp_path):
     steps = ["--max-steps", "10", "--save-steps", "3"]
     whole = train(tmp_path, "whole", _mix_args(mix_data, tmp_path / "whole", "", *steps))
@@ -184,6 +186,7 @@ def test_a_killed_mixture_run_resumes_with_identical_losses(mix_data, tmp_path):
     assert_same_records(out, tmp_path / "whole", ("loss", "tokens_by_source", "tokens_seen"), 10)
 
 
+@pytest.mark.slow
 def test_resuming_a_mixture_without_it_says_what_to_do(mix_data, tmp_path):
     args = _mix_args(mix_data, tmp_path / "out", "", "--max-steps", "2", "--save-steps", "2")
     assert train(tmp_path, "first", args).proc.returncode == 0
@@ -194,6 +197,7 @@ def test_resuming_a_mixture_without_it_says_what_to_do(mix_data, tmp_path):
     assert len(errors) == 1 and "--data-mix" in errors[0], run.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_validate_checks_every_source(mix_data, tmp_path):
     from conftest import run_train
 

@@ -266,6 +266,7 @@ def test_two_mlx_ranks_run_sft_and_a_curriculum_like_one_process(tiny_base, tmp_
     assert [e["stage"] for e in record["finished"]] == ["01-add/sft", "01-add/dpo"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_validate_checks_the_stage_data_and_base_on_the_chosen_backend(tiny_base, tmp_path,
                                                                        backend):

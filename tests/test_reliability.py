@@ -96,6 +96,7 @@ def test_a_damaged_checkpoint_is_reported_once_and_never_uploaded(sample_data, g
     assert not [o for o in store.child(PREFIX).list() if o.name.startswith(newest.name)]
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_name_is_refused_or_overwritten(sample_data, gcs_bucket,
                                                                  tmp_path):
     out = tmp_path / "out"
@@ -124,6 +125,7 @@ def test_a_second_run_of_the_same_name_is_refused_or_overwritten(sample_data, gc
     assert remote.read_bytes(f"{_names(out)[0]}/{checkpoint.MARKER}") == replaced
 
 
+@pytest.mark.slow
 def test_the_smoke_quick_start_twice_in_a_row_starts_over_and_says_so(sample_data, tmp_path):
     out = tmp_path / "out"
     args = ["--data-dir", str(sample_data), "--output-dir", str(out), "--bucket",
@@ -135,6 +137,7 @@ def test_the_smoke_quick_start_twice_in_a_row_starts_over_and_says_so(sample_dat
     assert _names(out) == ["checkpoint-epoch0-step2-files1"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused_unless_allowed(sample_data, tmp_path):
     out = tmp_path / "out"
     first = train(tmp_path, "first", _args(sample_data, out, "", "--max-steps", "2",
@@ -185,6 +188,7 @@ def small_disk(tmp_path: Path):
         yield mount
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_loses_nothing(sample_data, small_disk,
                                                                tmp_path):
     out = small_disk / "out"
@@ -212,6 +216,7 @@ def test_a_full_disk_while_saving_is_one_line_and_loses_nothing(sample_data, sma
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_sigterm_during_the_final_upload_wait_is_honoured(sample_data, gcs_emulator,
                                                            gcs_bucket, tmp_path):
     """The run has ended and waits (up to an hour) for a hanging bucket: a SIGTERM cuts that

@@ -46,6 +46,7 @@ def _resumed_from(run: Run) -> str | None:
     return match.group(1) if match else None
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_for_bit_from_the_bucket(sample_data, gcs_bucket,
                                                               tmp_path):
     """SIGTERM -> save + upload + exit 0; local copy lost; --resume latest downloads it."""
@@ -105,6 +106,7 @@ def test_a_second_signal_exits_at_once(sample_data, gcs_emulator, gcs_bucket, tm
     assert checkpoint.verify(out / "checkpoints" / name, hashes=True) is None
 
 
+@pytest.mark.slow
 def test_preemption_fits_the_budget_and_the_next_run_uploads_the_rest(
         sample_data, gcs_emulator, gcs_bucket, tmp_path):
     """SIGTERM while the bucket hangs: exit 0 within --preemption-budget-s (+2 s) with the
@@ -272,6 +274,7 @@ def test_bucket_dying_mid_upload_does_not_stop_training(sample_data, tmp_path, m
         emulator.stop()
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_skipped(sample_data, tmp_path):
     out = tmp_path / "out"
     steps = ["--max-steps", "6", "--save-steps", "3"]

@@ -54,6 +54,7 @@ def _checkpoint(root: Path, step: int, run_id: str = "r1", lineage_: list[str] |
 
 # ---------------------------------------------------------------- what --overwrite deletes
 
+@pytest.mark.slow
 def test_overwrite_deletes_exactly_this_runs_checkpoint_folders(sample_data, tmp_path):
     """A bucket holding data, another run, a nested run's folder and notes: pruning and then
     ``--overwrite`` delete the run's own checkpoint folders and nothing else (listed before
@@ -99,6 +100,7 @@ def test_a_run_name_that_climbs_out_is_refused(sample_data, tmp_path):
     assert _listing(bucket) == {"training/shard.npy": b"data"}
 
 
+@pytest.mark.slow
 def test_two_run_names_never_share_an_output_dir(sample_data, tmp_path):
     """Run beta in alpha's --output-dir is refused, with or without --resume/--overwrite;
     alpha's checkpoints are untouched."""
@@ -246,6 +248,7 @@ def test_a_checkpoint_of_another_run_id_is_never_replaced(gcs_bucket, tmp_path):
 
 # ---------------------------------------------------------------- lineage
 
+@pytest.mark.slow
 def test_resume_latest_follows_the_line_after_a_rollback(sample_data, tmp_path):
     """Steps 3, 6, 9; resumed from step 3 with another learning rate to step 6; then
     ``--resume latest`` continues that new step 6, not the abandoned step 9."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from helpers import metrics, remote_problems, train
@@ -45,6 +46,7 @@ def test_a_snapshot_written_after_more_training_is_the_synchronous_save(tmp_path
     assert {k: v.data_ptr() for k, v in staging.buffers.items()} == buffers
 
 
+@pytest.mark.slow
 def test_time_based_saves_and_one_record_per_checkpoint(sample_data, tmp_path):
     out = tmp_path / "out"
     run = train(tmp_path, "timed", ["--data-dir", str(sample_data), "--output-dir", str(out),
@@ -65,6 +67,7 @@ def test_time_based_saves_and_one_record_per_checkpoint(sample_data, tmp_path):
     assert "training blocked" in run.stdout.split("saving", 1)[1]  # the summary's totals
 
 
+@pytest.mark.slow
 def test_keep_every_steps_keeps_permanent_checkpoints_in_the_bucket(sample_data, gcs_bucket,
                                                                     gcs_emulator, tmp_path):
     out = tmp_path / "out"

@@ -21,6 +21,7 @@ def _error_line(stderr: str) -> str:
                 if line.startswith("error:"))
 
 
+@pytest.mark.slow
 def test_short_run_learns_logs_and_checkpoints(sample_data, tmp_path):
     out, bucket = tmp_path / "out", tmp_path / "bucket"
     result = run_train(*TINY, "--data-dir", str(sample_data), "--output-dir", str(out),
@@ -79,6 +80,7 @@ def test_unknown_flag_via_cli_exits_2_with_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "--no-such-flag" in result.stderr
 
 
+@pytest.mark.slow
 def test_validate_passes_on_smoke_and_fails_without_data(sample_data, tmp_path):
     ok = run_train(*TINY, "--validate", "--data-dir", str(sample_data), "--bucket",
                    str(tmp_path / "bucket"), "--output-dir", str(tmp_path / "out"),
@@ -116,6 +118,7 @@ def test_compile_path_runs_on_cpu(sample_data, tmp_path):
     assert len(metrics(out)) == 3 and find_complete(out / "checkpoints")
 
 
+@pytest.mark.slow
 def test_train_syncs_data_from_gcs_and_uploads_checkpoints(gcs_bucket, sample_data, tmp_path):
     from utils.storage import open_store, sync_up
 

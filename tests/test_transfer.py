@@ -117,6 +117,7 @@ def test_one_mb_per_s_link_sliced_is_4x_faster(emulator: ProxiedEmulator, bucket
     assert [n for n in _raw_names(emulator, bucket) if ".parts" in n] == []
 
 
+@pytest.mark.slow
 def test_slow_link_request_outlasting_the_timeout_completes(
     emulator: ProxiedEmulator, bucket: str, tmp_path: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_slow_link_request_outlasting_the_timeout_completes(
 
 # ---------------------------------------------------------------- faults
 
+@pytest.mark.slow
 def test_stalled_connection_is_retried_and_the_upload_completes(
     emulator: ProxiedEmulator, bucket: str, tmp_path: Path
 ) -> None:
