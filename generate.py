@@ -18,8 +18,9 @@ from pathlib import Path
 from configs.cli import RANGES, OneLineParser, Range, count, number, run_main
 from utils.checkpoint import CheckpointError
 from utils.checkpoint.format import ADAPTER_CONFIG
-from utils.stages.base import adapter_base, load_tokenizer, resolve_tokenizer
 from utils.stages.examples import TEMPLATES, format_prompt
+from utils.stages.init_from import adapter_base
+from utils.stages.tokenizers import load_tokenizer, resolve_tokenizer
 
 
 def load(model_dir: Path | None, adapter_dir: Path | None):

@@ -34,8 +34,8 @@ def bare_loop(base: str, data: str, steps: int, seq_len: int, batch: int, seed: 
     from peft import LoraConfig, get_peft_model
 
     from utils.data import DataPosition, WindowBatchSampler, train_eval_split
-    from utils.stages.base import encoder, load_tokenizer, resolve_tokenizer
     from utils.stages.examples import data_files, example_lengths, load_sft
+    from utils.stages.tokenizers import encoder, load_tokenizer, resolve_tokenizer
     from utils.torch_engine.lora import load_base
 
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def ours(base: str, data: str, steps: int, seq_len: int, batch: int, seed: int) 
 def resolve(base: str) -> str:
     """``latest`` (of the smoke run, as the sft preset) or a path, as an absolute path."""
     from configs.training_config import TrainingConfig
-    from utils.stages.base import resolve_base
+    from utils.stages.init_from import resolve_base
 
     return str(resolve_base(TrainingConfig(stage="sft", init_from=base, init_run="smoke",
                                            run_name="bench")))

@@ -29,15 +29,16 @@ from configs.training_config import (
     QUANT_BITS,
     RUN,
     SECTIONS,
+    TRACKERS,
     TrainingConfig,
+    report_to,
     run_name_problem,
 )
+from utils.credential_checks import credentials_problem
 from utils.errors import ConfigError
-from utils.secrets import credentials_problem
 
 BUCKET_ENV = "HARNESS_BUCKET"
 DEFAULT_PRESET = "smoke"  # what --config is when not given
-TRACKERS = ("tensorboard", "wandb")  # what --report-to may list (or "none")
 # Whole numbers (steps, windows, tokens, ...) above this are typos: numpy, torch and MLX index with
 # 64-bit integers, and no run takes two billion steps.
 INT_LIMIT = 2**31 - 1
@@ -166,19 +167,6 @@ def run_main(main: Callable[[], int], prog: str) -> typing.NoReturn:
         sys.stderr.write(f"\n{prog}: interrupted\n")
         status = 130
     sys.exit(status)
-
-
-def report_to(value: str) -> list[str]:
-    """``--report-to`` as a list of trackers (``none`` or nothing: []); ConfigError naming the
-    valid ones for anything else."""
-    names = [name.strip().lower() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in (*TRACKERS, "none")]
-    if unknown or ("none" in names and len(names) > 1):
-        what = (f"unknown tracker {', '.join(map(repr, unknown))}" if unknown
-                else "none cannot be combined with a tracker")
-        raise ConfigError(f"--report-to {value!r}: {what}; valid: {', '.join(TRACKERS)} "
-                          f"(comma-separated), or none")
-    return [name for name in dict.fromkeys(names) if name != "none"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -12,6 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, TypeVar
 
+from utils.errors import ConfigError
+
 T = TypeVar("T")
 QUANT_BITS = (4, 8)  # QLoRA: the frozen base's linear layers in 4 or 8 bits
 # A run name is one path component everywhere it is used (outputs/<name>,
@@ -25,6 +27,22 @@ RUN_NAME_RULE = ("use one name of letters, digits, '.', '_' and '-' starting wit
 def run_name_problem(flag: str, name: str) -> str | None:
     """The one-line error for a run name that breaks :data:`RUN_NAME`, None if it is fine."""
     return None if RUN_NAME.fullmatch(name) else f"{flag} {name!r}: {RUN_NAME_RULE}"
+
+
+TRACKERS = ("tensorboard", "wandb")  # what --report-to may list (or "none")
+
+
+def report_to(value: str) -> list[str]:
+    """``--report-to`` as a list of trackers (``none`` or nothing: []); ConfigError naming the
+    valid ones for anything else."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in (*TRACKERS, "none")]
+    if unknown or ("none" in names and len(names) > 1):
+        what = (f"unknown tracker {', '.join(map(repr, unknown))}" if unknown
+                else "none cannot be combined with a tracker")
+        raise ConfigError(f"--report-to {value!r}: {what}; valid: {', '.join(TRACKERS)} "
+                          f"(comma-separated), or none")
+    return [name for name in dict.fromkeys(names) if name != "none"]
 
 
 @dataclass(frozen=True)

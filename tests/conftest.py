@@ -78,6 +78,6 @@ def tiny_base(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base: Path):
-    from utils.stages.base import load_tokenizer, resolve_tokenizer
+    from utils.stages.tokenizers import load_tokenizer, resolve_tokenizer
 
     return load_tokenizer(resolve_tokenizer(tiny_base))

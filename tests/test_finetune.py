@@ -40,8 +40,9 @@ from configs.training_config import TrainingConfig
 from utils.checkpoint import CheckpointError, find_complete, verify
 from utils.errors import DataError
 from utils.mlx_engine.blas import openblas_preload
-from utils.stages.base import encoder, resolve_base, resolve_tokenizer
 from utils.stages.examples import IGNORE, load_dpo, load_sft, pad_sft
+from utils.stages.init_from import resolve_base
+from utils.stages.tokenizers import encoder, resolve_tokenizer
 from utils.torch_engine.lora import (
     build_lora_model,
     load_adapter_weights,

@@ -49,8 +49,8 @@ from utils.mlx_engine.lora import (
     save_adapter,
 )
 from utils.mlx_engine.lora import load_base as mlx_load_base
-from utils.stages.base import encoder
 from utils.stages.examples import load_dpo, load_sft, pad_dpo, pad_sft
+from utils.stages.tokenizers import encoder
 from utils.torch_engine.lora import build_lora_model, load_base
 from utils.torch_engine.losses import dpo_loss, sft_loss
 

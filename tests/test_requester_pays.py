@@ -28,7 +28,8 @@ from gcs_emulator import FaultProxy, GcsEmulator
 from configs.cli import parse_args
 from utils.checkpoint import choose_resume, remote_complete
 from utils.checkpoint.publisher import CheckpointPublisher
-from utils.loop.setup import open_checkpoint_store, sync_training_data
+from utils.loop.data_sync import sync_training_data
+from utils.loop.resuming import open_checkpoint_store
 from utils.processes import ONE_PROCESS
 from utils.storage import (
     BILLING_PROJECT_ENV,

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, run_train
 from helpers import TINY, Run, metrics, tensorboard_scalars
 
-from configs.cli import report_to
+from configs.training_config import report_to
 from utils.checkpoint import find_complete
 from utils.errors import ConfigError, StorageError
 from utils.loop.log_mirror import METRICS, LogMirror, mirror_target

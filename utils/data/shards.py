@@ -148,7 +148,7 @@ def _bin_dtype(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> np
 
 
 @dataclass(frozen=True)
-class _Shard:
+class Shard:
     """Where one shard's tokens sit; cheap to pickle (DataLoader workers get a copy)."""
 
     path: Path
@@ -176,13 +176,13 @@ def _read_npy_header(fp: Any, path: Path) -> tuple[np.dtype, tuple[int, ...], bo
 def _checked(
     path: Path, dtype: np.dtype, shape: tuple[int, ...], fortran: bool,
     offset: int | None, data_bytes: int,
-) -> _Shard:
+) -> Shard:
     """Validate dtype, rank, emptiness and size against the bytes actually present."""
     if dtype.kind not in "ui":
         raise DataError(f"{path}: tokens must be integers, found dtype {dtype}; re-tokenize it")
     if len(shape) not in (1, 2):
         raise DataError(f"{path}: tokens must be 1-D or 2-D, found shape {shape}; re-tokenize it")
-    shard = _Shard(path, dtype, shape, fortran, offset)
+    shard = Shard(path, dtype, shape, fortran, offset)
     if shard.num_tokens == 0:
         raise DataError(f"{path}: shard is empty (0 tokens); delete it or re-create it")
     need = shard.num_tokens * dtype.itemsize
@@ -194,7 +194,7 @@ def _checked(
     return shard
 
 
-def _inspect_npy(path: Path) -> _Shard:
+def _inspect_npy(path: Path) -> Shard:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"{path}: shard is empty (0 bytes); delete it or re-create it")
@@ -204,7 +204,7 @@ def _inspect_npy(path: Path) -> _Shard:
     return _checked(path, dtype, shape, fortran, offset, size - offset)
 
 
-def _inspect_npz(path: Path) -> _Shard:
+def _inspect_npz(path: Path) -> Shard:
     """Read the ``input_ids`` header; an uncompressed (``np.savez``) member is memory-mapped."""
     with zipfile.ZipFile(path) as zf:
         try:
@@ -238,7 +238,7 @@ def _inspect_npz(path: Path) -> _Shard:
 
 def bin_shard(
     path: Path, size: int, root: Path | None = None, dtypes: dict[Path, np.dtype] | None = None
-) -> _Shard:
+) -> Shard:
     """A ``.bin`` shard of ``size`` bytes; the file itself need not exist yet (streaming).
 
     The dtype comes from the nearest ``dataset.json`` up to ``root``, which must be local;
@@ -255,7 +255,7 @@ def bin_shard(
     return _checked(path, dtype, (size // dtype.itemsize,), False, 0, size)
 
 
-def npy_shard(path: Path, head: bytes, size: int) -> _Shard:
+def npy_shard(path: Path, head: bytes, size: int) -> Shard:
     """A ``.npy`` shard from its first bytes (the whole header) and its size, without the file.
 
     Streaming learns a shard's layout from a ranged read of the bucket object, so that
@@ -270,11 +270,11 @@ def npy_shard(path: Path, head: bytes, size: int) -> _Shard:
     return _checked(path, dtype, shape, fortran, f.tell(), size - f.tell())
 
 
-def _inspect_bin(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Shard:
+def _inspect_bin(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> Shard:
     return bin_shard(path, path.stat().st_size, root, cache)
 
 
-def _inspect(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> _Shard:
+def _inspect(path: Path, root: Path | None, cache: dict[Path, np.dtype]) -> Shard:
     try:
         if path.suffix == ".npy":
             return _inspect_npy(path)
@@ -320,7 +320,7 @@ def _unreadable(path: Path, e: BaseException) -> DataError:
     return DataError(f"{path}: unreadable shard ({what}); re-create it")
 
 
-def _open_tokens(s: _Shard) -> np.ndarray:
+def _open_tokens(s: Shard) -> np.ndarray:
     """The shard's tokens in their stored shape: a read-only map, or in RAM if compressed."""
     if s.offset is None:
         with np.load(s.path) as z:
@@ -331,7 +331,7 @@ def _open_tokens(s: _Shard) -> np.ndarray:
     )
 
 
-def _id_range(s: _Shard) -> tuple[int, int]:
+def _id_range(s: Shard) -> tuple[int, int]:
     """(smallest, largest) token id of a shard, streamed in chunks of a few MB.
 
     A 10 GB shard must not be read into RAM to find one number: a flat map is reduced chunk by
@@ -373,7 +373,7 @@ def _fresh_stats(entry: Any, st: os.stat_result, dtype: np.dtype) -> bool:
     )
 
 
-def _vocab_error(s: _Shard, lo: int, hi: int, vocab_size: int, others: int) -> DataError:
+def _vocab_error(s: Shard, lo: int, hi: int, vocab_size: int, others: int) -> DataError:
     """One line naming the shard, the offending id, the vocabulary size and the likely fixes."""
     more = f" (and {others} more shard(s) like it)" if others else ""
     if lo < 0:
@@ -391,7 +391,7 @@ def _vocab_error(s: _Shard, lo: int, hi: int, vocab_size: int, others: int) -> D
     return DataError(f"{s.path}: shard {problem}{more}; {fix}")
 
 
-def vocab_problem(s: _Shard, vocab_size: int) -> str | None:
+def vocab_problem(s: Shard, vocab_size: int) -> str | None:
     """One line on why shard ``s`` (local) cannot train a model of ``vocab_size`` ids, or None.
 
     For a shard checked alone when it arrives (streaming), outside a ``TokenWindows``."""
@@ -446,7 +446,7 @@ class TokenWindows:
 
     @classmethod
     def from_table(
-        cls, shards: Sequence[_Shard], seq_len: int, *, wait: Callable[[int], None],
+        cls, shards: Sequence[Shard], seq_len: int, *, wait: Callable[[int], None],
         root: Path | None = None, max_open: int | None = None,
     ) -> TokenWindows:
         """Windows over shards described up front (``npy_shard``/``bin_shard``) whose files
@@ -462,7 +462,7 @@ class TokenWindows:
         return self
 
     def _build(
-        self, shards: list[_Shard], seq_len: int, root: Path | None, max_open: int | None,
+        self, shards: list[Shard], seq_len: int, root: Path | None, max_open: int | None,
         wait: Callable[[int], None] | None = None,
     ) -> None:
         self.seq_len = seq_len

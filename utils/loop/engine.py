@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
 from utils.data import BatchSampler
-from utils.loop.setup import Collectives
+from utils.processes import Processes
 from utils.stages.task import Batch, Task
 
 
@@ -49,7 +49,7 @@ class ModelInfo:
     description: str            # engine, device, precision, compile: one banner fragment
 
 
-class Engine(Collectives, Protocol):
+class Engine(Processes, Protocol):
     """A backend: its processes and collectives, the model and optimizer, checkpoint I/O."""
 
     where: str  # the summary's "on what": device and process count

@@ -24,7 +24,7 @@ from utils.loop.engine import Engine
 from utils.loop.gce import PreemptionFacts, describe
 from utils.loop.metrics import MetricsWriter
 from utils.processes import lower_thread_priority
-from utils.stages.base import copy_tokenizer
+from utils.stages.tokenizers import copy_tokenizer
 
 
 @dataclass

@@ -37,8 +37,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from configs.cli import report_to
-from configs.training_config import TrainingConfig
+from configs.training_config import TrainingConfig, report_to
 from utils.checkpoint import TrainState
 from utils.errors import ConfigError, HarnessError, first_line
 

@@ -19,6 +19,7 @@ from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, find_complete, lineage, step_of
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.errors import TrainingError
+from utils.loop.data_sync import sync_training_data
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.gce import preemption_facts
 from utils.loop.log_mirror import start_log_mirror
@@ -29,23 +30,16 @@ from utils.loop.metrics import (
     format_eta,
     run_summary,
 )
+from utils.loop.resuming import continue_from, open_checkpoint_store, resolve_resume
+from utils.loop.run_claim import claim_run, prepare_output_dir
 from utils.loop.saving import Saver, preemption_report
 from utils.loop.schedule import lr_factor
-from utils.loop.setup import (
-    claim_run,
-    continue_from,
-    finish_uploads,
-    open_checkpoint_store,
-    prepare_output_dir,
-    resolve_resume,
-    sync_training_data,
-    uploads_survive_an_abort,
-)
 from utils.loop.signals import PreemptionHandler
 from utils.loop.tracker import check_trackers, open_trackers
+from utils.loop.uploads import finish_uploads, uploads_survive_an_abort
 from utils.processes import printer
-from utils.stages.base import tokenizer_dir
 from utils.stages.task import Task, build_task
+from utils.stages.tokenizers import tokenizer_dir
 from utils.streaming import StopWatch, WaitStopped
 
 EXIT_S = 1.0  # of a preemption budget, kept for the process to exit (see run._exit_now)

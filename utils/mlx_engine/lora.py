@@ -29,7 +29,8 @@ from utils.checkpoint.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from utils.errors import CheckpointError
 from utils.fs import staged_dir
 from utils.mlx_engine.model import hf_name, load_pretrained, save_weights
-from utils.stages.base import adapter_base, check_base, copy_tokenizer, resolve_tokenizer
+from utils.stages.init_from import adapter_base, check_base
+from utils.stages.tokenizers import copy_tokenizer, resolve_tokenizer
 
 # peft's target names for GPT-NeoX (configs.model_config.LORA_TARGETS) -> mlx-lm's paths.
 MLX_KEYS = {"query_key_value": "attention.query_key_value", "dense": "attention.dense",

@@ -24,7 +24,7 @@ from utils import checkpoint
 from utils.errors import DataError
 from utils.fs import atomic_write
 from utils.processes import Processes, printer
-from utils.stages.base import resolve_base
+from utils.stages.init_from import resolve_base
 
 STATE_FILE = "curriculum.json"
 STAGES = ("sft", "dpo")  # every topic has these

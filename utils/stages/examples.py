@@ -26,7 +26,7 @@ IGNORE = -100  # label of a token that is not trained on (prompt, padding)
 # How prompts are written around the user's text; generate.py uses the same templates.
 TEMPLATES = {"raw": "{}", "question": "Question: {}\nAnswer:", "chat": "User: {}\nAssistant:"}
 _ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-_ENCODE_CHUNK = 1024  # texts per tokenizer call
+ENCODE_CHUNK = 1024  # texts per tokenizer call
 # Longest JSONL line read (bytes, newline excluded): an example is a few KB of text and a
 # sequence at most a few thousand tokens; a longer line is a broken file (a whole corpus
 # on one line), refused before it is held in memory whole.
@@ -85,7 +85,7 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
+def text_field(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
     if key not in record:
         found = ", ".join(sorted(record)) or "no keys"
         raise DataError(f"{where}: missing key {key!r} (found {found}); add it")
@@ -102,11 +102,11 @@ def sft_segments(record: dict, where: str) -> list[Segment]:
     if "messages" in record:
         return _chat_segments(record["messages"], where)
     if "prompt" in record or "completion" in record:
-        return [(_text(record, "prompt", where, allow_empty=True), False),
-                (_text(record, "completion", where), True)]
+        return [(text_field(record, "prompt", where, allow_empty=True), False),
+                (text_field(record, "completion", where), True)]
     if "question" in record or "answer" in record:
-        return [(format_prompt(_text(record, "question", where), "question"), False),
-                (" " + _text(record, "answer", where), True)]
+        return [(format_prompt(text_field(record, "question", where), "question"), False),
+                (" " + text_field(record, "answer", where), True)]
     raise DataError(f"{where}: not an SFT example: expected 'messages', 'prompt' + 'completion' "
                     f"or 'question' + 'answer', found {', '.join(sorted(record)) or 'no keys'}")
 
@@ -125,7 +125,7 @@ def _chat_segments(messages: Any, where: str) -> list[Segment]:
         role = message.get("role")
         if role not in _ROLES:
             raise DataError(f"{here}: role must be one of {', '.join(_ROLES)}, got {role!r}")
-        content = _text(message, "content", here)
+        content = text_field(message, "content", here)
         if role == "assistant":
             segments += [("Assistant:", False), (" " + content, True)]
         else:
@@ -137,8 +137,8 @@ def _chat_segments(messages: Any, where: str) -> list[Segment]:
 
 def dpo_triple(record: dict, where: str) -> tuple[str, str, str]:
     """(prompt, chosen, rejected); the answers must be non-empty strings."""
-    return (_text(record, "prompt", where, allow_empty=True), _text(record, "chosen", where),
-            _text(record, "rejected", where))
+    return (text_field(record, "prompt", where, allow_empty=True),
+            text_field(record, "chosen", where), text_field(record, "rejected", where))
 
 
 def _merged(segments: list[Segment]) -> list[Segment]:
@@ -162,9 +162,9 @@ def tokenize(examples: list[tuple[str, list[Segment]]], encode: Encode, eos_id: 
     pieces = [_merged(segments) for _, segments in examples]
     texts = [text for segments in pieces for text, _ in segments]
     ids: list[list[int]] = []
-    chunks = range(0, len(texts), _ENCODE_CHUNK)
+    chunks = range(0, len(texts), ENCODE_CHUNK)
     for start in tqdm(chunks, desc="tokenizing", unit="chunk", disable=len(chunks) < 10):
-        ids += encode(texts[start:start + _ENCODE_CHUNK])
+        ids += encode(texts[start:start + ENCODE_CHUNK])
     out, k = [], 0
     for (where, _), segments in zip(examples, pieces, strict=True):
         tokens: list[int] = []

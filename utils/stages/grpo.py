@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import ConfigError, DataError, TrainingError, first_line
-from utils.stages.examples import _ENCODE_CHUNK, Encode, _text, format_prompt, read_jsonl
+from utils.stages.examples import ENCODE_CHUNK, Encode, format_prompt, read_jsonl, text_field
 
 Reward = Callable[[str, str, dict], float]  # (prompt text, completion text, record) -> reward
 Batch = dict[str, np.ndarray]
@@ -76,14 +76,14 @@ def grpo_prompt(record: dict, where: str) -> tuple[str, str]:
     a line has both.
     """
     if "prompt" in record:
-        prompt = _text(record, "prompt", where)
+        prompt = text_field(record, "prompt", where)
     elif "question" in record:
-        prompt = format_prompt(_text(record, "question", where), "question")
+        prompt = format_prompt(text_field(record, "question", where), "question")
     else:
         found = ", ".join(sorted(record)) or "no keys"
         raise DataError(f"{where}: not a GRPO example: expected 'prompt' + 'answer' or "
                         f"'question' + 'answer', found {found}")
-    return prompt, _text(record, "answer", where)
+    return prompt, text_field(record, "answer", where)
 
 
 def load_grpo(files: Sequence[Path], encode: Encode,
@@ -104,8 +104,8 @@ def load_grpo(files: Sequence[Path], encode: Encode,
         raise DataError(f"no examples in {', '.join(map(str, files))}; add JSONL lines")
     texts = [prompt for _, _, prompt, _ in parsed]
     ids: list[list[int]] = []
-    for start in range(0, len(texts), _ENCODE_CHUNK):
-        ids += encode(texts[start:start + _ENCODE_CHUNK])
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        ids += encode(texts[start:start + ENCODE_CHUNK])
     out = []
     for index, ((where, record, prompt, answer), tokens) in enumerate(zip(parsed, ids,
                                                                           strict=True)):

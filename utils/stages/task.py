@@ -33,7 +33,6 @@ from utils.data import (
 )
 from utils.errors import CheckpointError
 from utils.processes import ONE_PROCESS, Processes, local_main_first
-from utils.stages.base import encoder, load_tokenizer, resolve_base, resolve_tokenizer
 from utils.stages.examples import (
     IGNORE,
     data_files,
@@ -51,7 +50,9 @@ from utils.stages.grpo import (
     prompt_lengths,
     rollout,
 )
-from utils.stages.streamed import StreamFeed, open_source
+from utils.stages.init_from import resolve_base
+from utils.stages.tokenizers import encoder, load_tokenizer, resolve_tokenizer
+from utils.streaming.sources import StreamFeed, open_source
 
 Batch = dict[str, np.ndarray]
 

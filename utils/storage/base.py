@@ -23,13 +23,13 @@ class ObjectExists(StorageError):
     """A write with if_absent=True found the object already there; nothing was replaced."""
 
 
-def _changed_error(url: str, name: str) -> ObjectExists:
+def changed_error(url: str, name: str) -> ObjectExists:
     """The one line for a compare-and-swap write that lost: another writer came first."""
     return ObjectExists(f"{url}/{name} was changed by another writer since it was read; "
                         "read it again before replacing it")
 
 
-def _exists_error(url: str, name: str, detail: str = "") -> ObjectExists:
+def exists_error(url: str, name: str, detail: str = "") -> ObjectExists:
     """The one line for an if_absent write that lost: which object, and what to do."""
     return ObjectExists(
         f"{url}/{name} already exists{detail} and was not replaced (written only if absent); "
@@ -51,31 +51,31 @@ class ObjectInfo:
     md5: str | None
 
 
-def _tmp_name(final: Path) -> Path:
+def tmp_name(final: Path) -> Path:
     """Hidden temporary next to the final file, so rename is atomic and listings skip it."""
     return final.parent / f".{final.name}.part-{secrets.token_hex(4)}"
 
 
-# What _tmp_name (and utils.fs.atomic_write) name their temporaries: .NAME.part-<8 hex>.
-_TMP_RE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
+# What tmp_name (and utils.fs.atomic_write) name their temporaries: .NAME.part-<8 hex>.
+TMP_RE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
 
 
-def _visible(rel: str) -> bool:
+def visible(rel: str) -> bool:
     """Hidden names (our caches, .part- temporaries, OS junk) are never listed or uploaded."""
     return bool(rel) and not any(part.startswith(".") for part in rel.split("/"))
 
 
-def _join(*parts: str) -> str:
+def join_key(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
-def _hint_levels(key: str) -> list[str]:
+def hint_levels(key: str) -> list[str]:
     """Where to look for what a key that holds nothing was meant to be: its parent, the root."""
     parent = key.rstrip("/").rpartition("/")[0]
     return [parent, ""] if parent else [""]
 
 
-def _safe_local_path(root: Path, name: str) -> Path:
+def safe_local_path(root: Path, name: str) -> Path:
     """Map an object name under root; names that would escape it are refused."""
     parts = name.split("/")
     if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
@@ -85,12 +85,12 @@ def _safe_local_path(root: Path, name: str) -> Path:
     return root.joinpath(*parts)
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def _verify_file(path: Path, expected: ObjectInfo, where: str) -> None:
+def verify_file(path: Path, expected: ObjectInfo, where: str) -> None:
     """Check a downloaded temporary against the object's size and hash before it is renamed."""
     size = path.stat().st_size
     if expected.size >= 0 and size != expected.size:

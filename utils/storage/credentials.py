@@ -14,8 +14,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from utils.credential_checks import ENV_VAR, credentials_problem, how_to_fix
 from utils.errors import StorageError
-from utils.secrets import ENV_VAR, credentials_problem, how_to_fix
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _load_key(key: Path, scopes: list[str], source: str) -> tuple[Any, str | Non
         ) from None
 
 
-def _load_credentials(credentials: str | None) -> tuple[Any, str | None]:
+def load_credentials(credentials: str | None) -> tuple[Any, str | None]:
     """Credentials and project: --credentials key, GOOGLE_APPLICATION_CREDENTIALS, or ADC.
 
     Both key sources are loaded here rather than by google.auth.default, so a missing or

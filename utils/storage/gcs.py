@@ -35,15 +35,15 @@ from utils.storage.base import (
     ProgressFn,
     RetriesExhausted,
     Store,
-    _exists_error,
-    _hint_levels,
-    _join,
-    _short,
-    _tmp_name,
-    _verify_file,
-    _visible,
+    exists_error,
+    hint_levels,
+    join_key,
+    short_error,
+    tmp_name,
+    verify_file,
+    visible,
 )
-from utils.storage.credentials import _load_credentials
+from utils.storage.credentials import load_credentials
 from utils.storage.hashing import bytes_crc32c, file_crc32c
 from utils.storage.slices import (
     CHUNK_BYTES,
@@ -126,7 +126,7 @@ class GcsStore(Store):
                                "pass --upload-streams 1 or more")
         self._client = client
         self.bucket_name = bucket
-        self.prefix = _join(prefix)
+        self.prefix = join_key(prefix)
         self._base = f"{self.prefix}/" if self.prefix else ""
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.retry_deadline_s = retry_deadline_s
@@ -141,7 +141,7 @@ class GcsStore(Store):
             initial=0.5, maximum=8.0, multiplier=2.0
         )
         # (connect, read) per request, never longer than the whole retry budget. Through the
-        # session _open_gcs builds (gcs_http.StreamingAdapter) both are no-progress limits: 10 s
+        # session open_gcs builds (gcs_http.StreamingAdapter) both are no-progress limits: 10 s
         # for each 256 KiB block of a body to leave, 60 s between bytes of the answer (which
         # also covers a body's last bytes draining from socket buffers, ~4 MiB at most, at
         # >= ~70 KB/s). So requests of CHUNK_BYTES complete on any link above that rate.
@@ -149,7 +149,7 @@ class GcsStore(Store):
         self._timeout = (min(10.0, budget), min(60.0, budget))
 
     def child(self, prefix: str) -> GcsStore:
-        return GcsStore(self._client, self.bucket_name, _join(self.prefix, prefix),
+        return GcsStore(self._client, self.bucket_name, join_key(self.prefix, prefix),
                         self.retry_deadline_s, self.billing_project, self.streams, self._slots)
 
     def _key(self, name: str) -> str:
@@ -176,7 +176,7 @@ class GcsStore(Store):
                 ) from exc
             raise ObjectNotFound(f"{where} does not exist (404); check the name") from exc
         except gexc.PreconditionFailed as exc:  # only if_absent writes set a precondition
-            raise _exists_error(self.url, name or "", " (412 precondition failed)") from exc
+            raise exists_error(self.url, name or "", " (412 precondition failed)") from exc
         except (gexc.Forbidden, gexc.Unauthorized) as exc:
             billing = _billing_error(exc, where, self.billing_project)
             if billing is not None:
@@ -190,7 +190,8 @@ class GcsStore(Store):
             cause = exc.cause if exc.cause is not None else exc
             raise RetriesExhausted(
                 f"{where}: still failing after retrying for {self.retry_deadline_s:g} s "
-                f"({_short(cause)}); check the network or endpoint, or raise the retry deadline"
+                f"({short_error(cause)}); check the network or endpoint, or raise the retry "
+                f"deadline"
             ) from exc
         except DataCorruption as exc:
             raise StorageError(
@@ -203,11 +204,13 @@ class GcsStore(Store):
             ) from exc
         except gexc.GoogleAPICallError as exc:  # 400s included: never retried
             raise _billing_error(exc, where, self.billing_project) or StorageError(
-                f"{where}: request failed ({exc.code} {_short(exc)}); check the bucket and retry"
+                f"{where}: request failed ({exc.code} {short_error(exc)}); check the bucket and "
+                f"retry"
             ) from exc
         except requests.RequestException as exc:  # not retryable, e.g. a malformed endpoint
             raise StorageError(
-                f"{where}: cannot reach the storage endpoint ({_short(exc)}); check the network "
+                f"{where}: cannot reach the storage endpoint ({short_error(exc)}); check the "
+                f"network "
                 "and STORAGE_EMULATOR_HOST"
             ) from exc
 
@@ -224,7 +227,7 @@ class GcsStore(Store):
             )
             for blob in blobs:
                 rel = blob.name[len(self._base):]
-                if rel.endswith("/") or not _visible(rel):
+                if rel.endswith("/") or not visible(rel):
                     continue  # folder placeholders and hidden objects
                 out.append(ObjectInfo(rel, int(blob.size or 0), blob.crc32c, blob.md5_hash))
         return out
@@ -341,7 +344,7 @@ class GcsStore(Store):
         return final
 
     def remove_stale_parts(self, prefix: str = "") -> int:
-        folder = _join(prefix)  # a folder: "run" must not reach into "run2"
+        folder = join_key(prefix)  # a folder: "run" must not reach into "run2"
         return self._remove_parts(self._key(f"{folder}/") if folder else self._base, self._retry)
 
     def _remove_parts(self, key_prefix: str, retry: Retry) -> int:
@@ -366,7 +369,7 @@ class GcsStore(Store):
         blob = self._bucket.blob(self._key(name))
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(local)
+        tmp = tmp_name(local)
         try:
             with self._errors(name):
                 if expected is None:  # its size decides the slicing: ask the object
@@ -386,7 +389,7 @@ class GcsStore(Store):
                         )
                 else:
                     self._download_sliced(blob, tmp, expected.size, slices, on_bytes)
-            _verify_file(tmp, expected, f"{self.url}/{name}")
+            verify_file(tmp, expected, f"{self.url}/{name}")
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
@@ -459,7 +462,7 @@ class GcsStore(Store):
             pass
 
     def nearby(self, prefix: str, limit: int = 5) -> list[str]:
-        for level in _hint_levels(self._key(prefix.lstrip("/"))):
+        for level in hint_levels(self._key(prefix.lstrip("/"))):
             try:
                 found = self._one_level(f"{level}/" if level else "", limit)
             except StorageError:
@@ -543,7 +546,7 @@ def _billing_error(exc: Exception, where: str, project: str | None) -> StorageEr
     return None
 
 
-def _open_gcs(
+def open_gcs(
     url: str,
     credentials: str | None,
     retry_deadline_s: float,
@@ -565,7 +568,7 @@ def _open_gcs(
         raise StorageError(
             f"{url}: {bucket!r} is not a valid bucket name; use gs://BUCKET/optional/prefix"
         )
-    creds, project = _load_credentials(credentials)
+    creds, project = load_credentials(credentials)
     session = AuthorizedSession(creds)
     # Room for many concurrent transfers (every stream of a sliced one, plus the files a sync
     # moves at once) without urllib3 discarding pooled connections.

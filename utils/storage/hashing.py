@@ -18,7 +18,7 @@ from utils.fs import atomic_write
 log = logging.getLogger(__name__)
 
 CACHE_FILE = ".sync-cache.json"
-_CHUNK = 4 * 1024 * 1024
+HASH_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _crc32c_module() -> Any:
@@ -41,7 +41,7 @@ def file_crc32c(path: Path) -> str:
     """crc32c of a file as GCS reports it: base64 of the big-endian 4 bytes."""
     checksum = _crc32c_module().Checksum()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(HASH_CHUNK_BYTES):
             checksum.update(chunk)
     return _b64(checksum.digest())
 
@@ -55,7 +55,7 @@ def file_md5(path: Path) -> str:
     """md5 of a file, base64 like GCS; only used for objects that lack a crc32c."""
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return _b64(digest.digest())
 

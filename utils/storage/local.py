@@ -13,21 +13,21 @@ from typing import BinaryIO
 from utils.errors import StorageError
 from utils.fs import atomic_write
 from utils.storage.base import (
-    _TMP_RE,
+    TMP_RE,
     ObjectInfo,
     ObjectNotFound,
     ProgressFn,
     Store,
-    _changed_error,
-    _exists_error,
-    _hint_levels,
-    _join,
-    _safe_local_path,
-    _tmp_name,
-    _verify_file,
-    _visible,
+    changed_error,
+    exists_error,
+    hint_levels,
+    join_key,
+    safe_local_path,
+    tmp_name,
+    verify_file,
+    visible,
 )
-from utils.storage.hashing import _CHUNK, HashCache, file_crc32c
+from utils.storage.hashing import HASH_CHUNK_BYTES, HashCache, file_crc32c
 
 
 def _link_new(tmp: Path, final: Path) -> bool:
@@ -66,7 +66,7 @@ def _version(path: Path) -> str:
 
 
 def _copy_stream(src: BinaryIO, dst: BinaryIO, on_bytes: ProgressFn | None) -> None:
-    while chunk := src.read(_CHUNK):
+    while chunk := src.read(HASH_CHUNK_BYTES):
         dst.write(chunk)
         if on_bytes is not None:
             on_bytes(len(chunk))
@@ -80,18 +80,18 @@ class LocalStore(Store):
 
     def __init__(self, base: Path, prefix: str = "") -> None:
         self.base = Path(base).expanduser().resolve()
-        self.prefix = _join(prefix)
+        self.prefix = join_key(prefix)
         self.root = self.base.joinpath(*self.prefix.split("/")) if self.prefix else self.base
         self.url = str(self.root)
         self._cache = HashCache(self.root)
 
     def child(self, prefix: str) -> LocalStore:
-        if _join(prefix):  # a prefix that climbs out (``..``) would reach another run's data
-            _safe_local_path(self.root, _join(prefix))
-        return LocalStore(self.base, _join(self.prefix, prefix))
+        if join_key(prefix):  # a prefix that climbs out (``..``) would reach another run's data
+            safe_local_path(self.root, join_key(prefix))
+        return LocalStore(self.base, join_key(self.prefix, prefix))
 
     def _path(self, name: str) -> Path:
-        return _safe_local_path(self.root, name)
+        return safe_local_path(self.root, name)
 
     def _require_base(self) -> None:
         if not self.base.is_dir():
@@ -108,7 +108,7 @@ class LocalStore(Store):
         prefix = prefix.lstrip("/")
         start = self.root
         if "/" in prefix:
-            start = _safe_local_path(self.root, prefix.rsplit("/", 1)[0])
+            start = safe_local_path(self.root, prefix.rsplit("/", 1)[0])
         out: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -116,7 +116,7 @@ class LocalStore(Store):
             for fname in sorted(filenames):
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
                 path = Path(dirpath, fname)
-                if not _visible(rel) or not rel.startswith(prefix) or not path.is_file():
+                if not visible(rel) or not rel.startswith(prefix) or not path.is_file():
                     continue
                 out.append(self._info(rel, path))
         self._cache.save()
@@ -132,7 +132,7 @@ class LocalStore(Store):
         crc = crc32c or file_crc32c(local)
         final = self._path(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(final)
+        tmp = tmp_name(final)
         try:
             with open(local, "rb") as src, open(tmp, "wb") as dst:
                 _copy_stream(src, dst, None)
@@ -145,7 +145,7 @@ class LocalStore(Store):
             if not if_absent:
                 os.replace(tmp, final)
             elif not _link_new(tmp, final):
-                raise _exists_error(self.url, name)
+                raise exists_error(self.url, name)
         finally:
             tmp.unlink(missing_ok=True)
         self._cache.record(name, final.stat(), crc, None)
@@ -167,11 +167,11 @@ class LocalStore(Store):
             expected = self._info(name, src)
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(local)
+        tmp = tmp_name(local)
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
                 _copy_stream(fin, fout, on_bytes)
-            _verify_file(tmp, expected, f"{self.url}/{name}")
+            verify_file(tmp, expected, f"{self.url}/{name}")
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
@@ -189,20 +189,20 @@ class LocalStore(Store):
         if if_version is not None:
             with self._locked(final):
                 if not final.is_file() or _version(final) != if_version:
-                    raise _changed_error(self.url, name)
+                    raise changed_error(self.url, name)
                 atomic_write(final, data)
                 return _version(final)
         if not if_absent:
             atomic_write(final, data)
             return _version(final)
-        tmp = _tmp_name(final)
+        tmp = tmp_name(final)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             if not _link_new(tmp, final):
-                raise _exists_error(self.url, name)
+                raise exists_error(self.url, name)
         finally:
             tmp.unlink(missing_ok=True)
         return _version(final)
@@ -232,18 +232,18 @@ class LocalStore(Store):
     def remove_stale_parts(self, prefix: str = "") -> int:
         """The temporaries of killed writes (``.NAME.part-XXXXXXXX`` next to their target)."""
         removed = 0
-        for dirpath, _dirs, files in os.walk(self._path(prefix) if _join(prefix) else self.root):
+        for dirpath, _dirs, files in os.walk(self._path(prefix) if join_key(prefix) else self.root):
             for fname in files:
-                if _TMP_RE.match(fname):
+                if TMP_RE.match(fname):
                     Path(dirpath, fname).unlink(missing_ok=True)
                     removed += 1
         return removed
 
     def nearby(self, prefix: str, limit: int = 5) -> list[str]:
-        key = _join(self.prefix, prefix.lstrip("/"))
-        for level in _hint_levels(key):
+        key = join_key(self.prefix, prefix.lstrip("/"))
+        for level in hint_levels(key):
             try:
-                folder = _safe_local_path(self.base, level) if level else self.base
+                folder = safe_local_path(self.base, level) if level else self.base
                 with os.scandir(folder) as it:
                     entries = sorted((e for e in it if not e.name.startswith(".")),
                                      key=lambda e: e.name)

@@ -25,10 +25,10 @@ from utils.storage.base import (
     ObjectInfo,
     RetriesExhausted,
     Store,
-    _join,
-    _safe_local_path,
-    _short,
-    _visible,
+    join_key,
+    safe_local_path,
+    short_error,
+    visible,
 )
 from utils.storage.hashing import HashCache
 
@@ -42,7 +42,7 @@ _SHARED = fcntl.LOCK_SH if fcntl is not None else 0
 
 # A sync holds this (hidden, so never listed or uploaded) for its duration; see _sync_lock.
 LOCK_FILE = ".sync-lock"
-# What _tmp_name and utils.fs.atomic_write name their temporaries: .NAME.part-<8 hex>.
+# What tmp_name and utils.fs.atomic_write name their temporaries: .NAME.part-<8 hex>.
 _PART_RE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
 
 
@@ -165,7 +165,7 @@ class _Transfers:
                 for fut in as_completed(futures):
                     exc = fut.exception()
                     if exc is not None:
-                        self.fail(futures[fut], _short(exc))
+                        self.fail(futures[fut], short_error(exc))
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
                 self._bar.close()
@@ -279,7 +279,7 @@ def _plan_downloads(
     """Decide per object: skip (cache says it matches), hash then decide, download, refuse."""
     for info in objects:
         try:
-            local = _safe_local_path(dest, info.name)
+            local = safe_local_path(dest, info.name)
             st: os.stat_result | None = local.stat()
         except StorageError as exc:
             t.fail(info.name, str(exc))
@@ -367,7 +367,7 @@ def _walk_files(src: Path) -> list[str]:
         rel_dir = Path(dirpath).relative_to(src).as_posix()
         for fname in filenames:
             rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
-            if _visible(rel) and Path(dirpath, fname).is_file():
+            if visible(rel) and Path(dirpath, fname).is_file():
                 out.append(rel)
     return sorted(out)
 
@@ -383,7 +383,7 @@ def sync_up(
     src = Path(src)
     if not src.is_dir():
         raise StorageError(f"upload source {src} is not a directory; check the path")
-    prefix = _join(prefix)
+    prefix = join_key(prefix)
     files = _walk_files(src)
     remote = {o.name: o for o in store.list(f"{prefix}/" if prefix else "")}
     cache = HashCache(src)
@@ -404,7 +404,7 @@ def sync_up(
         for rel in files:
             st = (src / rel).stat()
             size = st.st_size
-            name = _join(prefix, rel)
+            name = join_key(prefix, rel)
             info = remote.get(name)
             known = cache.lookup(rel, st) if info is not None and info.size == size else None
             if known is not None and known == info.crc32c:

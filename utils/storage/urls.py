@@ -9,7 +9,7 @@ from typing import Protocol
 
 from utils.errors import StorageError
 from utils.storage.base import Store
-from utils.storage.gcs import BILLING_PROJECT_ENV, _open_gcs
+from utils.storage.gcs import BILLING_PROJECT_ENV, open_gcs
 from utils.storage.local import LocalStore
 from utils.storage.slices import DEFAULT_STREAMS
 
@@ -46,7 +46,7 @@ def open_store(
         raise StorageError("empty storage URL; use gs://BUCKET/prefix or a local directory")
     if url.startswith("gs://"):
         billing = billing_project or os.environ.get(BILLING_PROJECT_ENV, "").strip() or None
-        return _open_gcs(url, credentials, retry_deadline_s, billing, streams)
+        return open_gcs(url, credentials, retry_deadline_s, billing, streams)
     if url.startswith("file://"):
         path = url[len("file://"):]
         if path.startswith("localhost/"):

@@ -3,8 +3,8 @@
 ``index`` builds the shard table from one listing (``remote_shards``), ``cache`` keeps the
 shards the block order needs next on local disk (``ShardCache``, one per machine) and lets
 every reader wait for them (``ShardWait``, ``stream_windows``), until a stop request
-(``StopWatch``, ``WaitStopped``). The window order itself is
-``utils.data.blocks``.
+(``StopWatch``, ``WaitStopped``). ``sources`` puts them together per data source for the task
+and the loop (``open_source``, ``StreamFeed``). The window order itself is ``utils.data.blocks``.
 """
 
 from utils.streaming.cache import (

@@ -29,10 +29,10 @@ from utils.data.shards import bin_shard, npy_shard
 from utils.errors import DataError, StorageError, disk_full, no_space
 from utils.fs import atomic_write, read_cache
 from utils.storage import ObjectInfo, Store, file_crc32c
-from utils.storage.base import _safe_local_path
+from utils.storage.base import safe_local_path
 
 if TYPE_CHECKING:
-    from utils.data.shards import _Shard
+    from utils.data.shards import Shard
 
 INDEX_NAME = ".stream-index.json"  # hidden: never a shard, never synced
 _INDEX_VERSION = 1
@@ -48,7 +48,7 @@ class RemoteShard:
     whose ``path`` is where the file goes under the local root."""
 
     info: ObjectInfo
-    shard: _Shard
+    shard: Shard
 
     @property
     def name(self) -> str:
@@ -125,7 +125,7 @@ def _download_metadata(store: Store, root: Path, wanted: list[ObjectInfo], what:
             f"{METADATA_LIMIT_BYTES // 2**20} MiB streaming fetches besides shards; keep "
             f"only dataset.json and the tokenizer files there, or use --sync-data")
     for info in wanted:
-        local = _safe_local_path(root, info.name)
+        local = safe_local_path(root, info.name)
         if local.is_file() and local.stat().st_size == info.size and (
             info.crc32c is None or file_crc32c(local) == info.crc32c
         ):
@@ -192,7 +192,7 @@ def remote_shards(
     dtypes: dict[Path, Any] = {}
     out: list[RemoteShard] = []
     for info in chosen:
-        path = _safe_local_path(root, info.name)
+        path = safe_local_path(root, info.name)
         if info.name.endswith(".bin"):
             out.append(RemoteShard(info, bin_shard(path, info.size, root, dtypes)))
             continue

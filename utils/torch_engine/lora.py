@@ -1,7 +1,7 @@
 """LoRA on torch through peft: the base model, adapters on it, resume and merge.
 
 A base is one of our checkpoints or any local Hugging Face GPT-NeoX folder (resolved by
-``utils/stages/base.py``); a LoRA checkpoint as base is merged onto its own base on load. DPO's
+``utils/stages/init_from.py``); a LoRA checkpoint as base is merged onto its own base on load. DPO's
 reference is the same model with the adapters disabled: never a second copy of the weights.
 """
 
@@ -20,7 +20,8 @@ from configs.training_config import TrainingConfig
 from utils.checkpoint.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from utils.errors import CheckpointError, first_line
 from utils.fs import staged_dir
-from utils.stages.base import adapter_base, check_base, load_tokenizer, resolve_tokenizer
+from utils.stages.init_from import adapter_base, check_base
+from utils.stages.tokenizers import load_tokenizer, resolve_tokenizer
 
 # peft 0.21 reads a property transformers 5 deprecated, once per model: noise in every run log.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",

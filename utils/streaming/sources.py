@@ -23,7 +23,8 @@ from utils.errors import DataError, StorageError, first_line
 from utils.fs import atomic_write
 from utils.processes import Processes, local_main_first
 from utils.storage import ObjectInfo, ObjectNotFound, Store, open_bucket
-from utils.streaming import RemoteShard, ShardCache, minimum_bytes, remote_shards, stream_windows
+from utils.streaming.cache import ShardCache, minimum_bytes, stream_windows
+from utils.streaming.index import RemoteShard, remote_shards
 
 # A bucket that does not answer is retried by the cache until it does; each attempt gives up
 # after this long, so a bucket that is back is noticed within seconds.
