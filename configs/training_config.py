@@ -200,6 +200,10 @@ class TrainingConfig:
         2, "batches each DataLoader worker reads ahead (with --num-workers above 0)")
     report_to: str = LOGGING(
         "tensorboard", "trackers besides metrics.jsonl")
+    callbacks: str = LOGGING(
+        "", "your own loop callbacks, FILE.py:ClassName comma-separated: classes answering the "
+            "events of utils.loop.callbacks.Callback, made with no arguments; trusted code, run "
+            "in every process")
     wandb_project: str = LOGGING(
         "", "W&B project; empty = $WANDB_PROJECT, else harness")
     wandb_entity: str = LOGGING("", "W&B team or user; empty = your default entity")

@@ -1,22 +1,26 @@
 """The loop's own logic with an in-process fake engine (tests/fake_engine.py): milliseconds.
 
 Cadence (log, evaluate, save), a NaN stopping the run before anything is saved from it, a
-signal's emergency checkpoint, and a resume that continues the data order exactly — each on
-the real ``Trainer``, data, sampler, saver and publisher, with numbers for tensors.
+signal's emergency checkpoint, a resume that continues the data order exactly, and the
+callbacks' events (README's example, the order, errors, a bad --callbacks) — each on the real
+``Trainer``, data, sampler, saver and publisher, with numbers for tensors.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import pytest
 from fake_engine import FakeEngine, fake_config
 from helpers import metrics
 
 from utils.checkpoint import find_complete, lineage
-from utils.errors import TrainingError
+from utils.errors import ConfigError, TrainingError
+from utils.loop.callbacks import Callback
 from utils.loop.trainer import Trainer
 
 
@@ -68,3 +72,107 @@ def test_a_resume_continues_the_data_order_exactly(sample_data, tmp_path):
     assert first.seen + second.seen == whole.seen  # the same windows, in the same order
     assert second.weight == 8.0  # the weight came back from step 5's checkpoint
     assert summary["run_id"] == lineage.read_local(out / "checkpoints")["run_id"]
+
+
+def _readme_example(tmp_path) -> Path:
+    """The callback example of README.md's "Extending the loop", written where a user would."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = text.split("```python\n# my_callbacks.py\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my_callbacks.py"
+    path.write_text(code)
+    return path
+
+
+def test_the_readme_callback_example_runs_every_5_steps_and_adds_a_metric(sample_data, tmp_path):
+    example = _readme_example(tmp_path)
+    out = tmp_path / "run"
+    config = fake_config(sample_data, out, max_steps=12, logging_steps=4,
+                         callbacks=f"{example}:Heartbeat")
+    Trainer(config, FakeEngine()).run()
+    beats = (out / "heartbeat.txt").read_text().split()
+    assert beats[0::2] == ["5", "10"]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert all(r["peak_rss_mib"] > 1 for r in records)  # written with the loop's own numbers
+
+
+class Recorder(Callback):
+    """Every event with the step it came at; log steps keep their record's keys."""
+
+    def __init__(self):
+        self.events = []
+
+    def pre_train(self, trainer):
+        self.events.append(("pre_train", trainer.state.step))
+
+    def pre_step(self, trainer):
+        self.events.append(("pre_step", trainer.state.step))
+
+    def post_step(self, trainer):
+        self.events.append(("post_step", trainer.state.step))
+
+    def log_metrics(self, trainer, record):
+        self.events.append(("log_metrics", record["step"], "eval_loss" in record))
+
+    def post_checkpoint_saved(self, trainer, path):
+        self.events.append(("post_checkpoint_saved", trainer.state.step, path.name))
+
+    def post_train(self, trainer):
+        self.events.append(("post_train", trainer.state.step))
+
+    def on_error(self, trainer, error):
+        self.events.append(("on_error", type(error).__name__))
+
+    def close(self, trainer):
+        self.events.append(("close", trainer.state.step))
+
+
+def _with_recorder(config, engine):
+    trainer = Trainer(config, engine)
+    recorder = Recorder()
+    trainer.callbacks.callbacks.insert(1, recorder)  # after evaluation, before the writers
+    return trainer, recorder
+
+
+def test_callbacks_see_each_event_once_in_order_with_evaluation_before_them(sample_data,
+                                                                           tmp_path):
+    config = fake_config(sample_data, tmp_path, max_steps=4, logging_steps=2, save_steps=4,
+                         eval_steps=4)
+    trainer, recorder = _with_recorder(config, FakeEngine())
+    trainer.run()
+    assert recorder.events == [
+        ("pre_train", 0),
+        ("pre_step", 0), ("post_step", 1), ("pre_step", 1), ("post_step", 2),
+        ("log_metrics", 2, False),
+        ("pre_step", 2), ("post_step", 3), ("pre_step", 3), ("post_step", 4),
+        ("log_metrics", 4, True),  # the eval step: evaluation added its number first
+        ("post_checkpoint_saved", 4, "checkpoint-epoch0-step4-files1"),
+        ("post_train", 4), ("close", 4)]
+
+
+def test_a_failing_run_tells_the_callbacks_and_closes_them(sample_data, tmp_path):
+    config = fake_config(sample_data, tmp_path, max_steps=8, logging_steps=2)
+    trainer, recorder = _with_recorder(config, FakeEngine(loss_at=lambda step: math.nan))
+    with pytest.raises(TrainingError):
+        trainer.run()
+    assert recorder.events[-2:] == [("on_error", "TrainingError"), ("close", 2)]
+    assert ("post_train", 2) not in recorder.events
+
+
+@pytest.mark.parametrize(("spec", "problem"), [
+    ("nowhere.py:Heartbeat", "no file"),
+    ("{example}", "give FILE.py:ClassName"),
+    ("{example}:Missing", "has no class Missing; classes there: Heartbeat"),
+    ("{plain}:Plain", "answers none of the loop's events"),
+    ("{broken}:X", "failed to import (ZeroDivisionError"),
+])
+def test_a_bad_callbacks_flag_is_one_line_before_any_work(sample_data, tmp_path, spec, problem):
+    (tmp_path / "plain.py").write_text("class Plain:\n    pass\n")
+    (tmp_path / "broken.py").write_text("1 / 0\n")
+    spec = spec.format(example=_readme_example(tmp_path), plain=tmp_path / "plain.py",
+                       broken=tmp_path / "broken.py")
+    config = fake_config(sample_data, tmp_path / "run", max_steps=2, callbacks=spec)
+    with pytest.raises(ConfigError, match=re.escape(problem)) as err:
+        Trainer(config, FakeEngine())
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing was written

@@ -13,32 +13,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState, find_complete, lineage, step_of
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.errors import TrainingError
+from utils.loop.callbacks import (
+    CallbackList,
+    Evaluation,
+    LogMirror,
+    MetricsFile,
+    ProgressBar,
+    Trackers,
+    load_callbacks,
+)
 from utils.loop.data_sync import sync_training_data
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.gce import preemption_facts
-from utils.loop.log_mirror import start_log_mirror
-from utils.loop.metrics import (
-    MetricsWriter,
-    ThroughputMeter,
-    flops_per_token,
-    format_eta,
-    run_summary,
-)
+from utils.loop.metrics import ThroughputMeter, flops_per_token, run_summary
 from utils.loop.resuming import continue_from, open_checkpoint_store, resolve_resume
 from utils.loop.run_claim import claim_run, prepare_output_dir
 from utils.loop.saving import Saver, preemption_report
 from utils.loop.schedule import lr_factor
 from utils.loop.signals import PreemptionHandler
-from utils.loop.tracker import check_trackers, open_trackers
+from utils.loop.tracker import check_trackers
 from utils.loop.uploads import finish_uploads, uploads_survive_an_abort
 from utils.processes import printer
-from utils.stages.task import Task, build_task
+from utils.stages.task import build_task
 from utils.stages.tokenizers import tokenizer_dir
 from utils.streaming import StopWatch, WaitStopped
 
@@ -62,20 +62,6 @@ def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
             f"{ckpt_root}")
 
 
-def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
-    """Mean loss (GRPO: reward) over the held-out examples, each process scoring its share."""
-    mine = task.eval_idx[engine.process_index::engine.num_processes]
-    total = count = 0.0
-    with engine.evaluating():
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            loss = engine.eval_loss(task.collate([task.examples[i] for i in chunk]))
-            total += loss * len(chunk)
-            count += len(chunk)
-    total, count = engine.all_sum([total, count])
-    return total / max(count, 1.0)
-
-
 class Trainer:
     """One run of one stage: built from a config and an engine, then ``run()``."""
 
@@ -87,6 +73,7 @@ class Trainer:
         self.output_dir = Path(config.effective_output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         check_trackers(config, engine)  # no wandb package or login: one line now, not later
+        own_callbacks = load_callbacks(config.callbacks)  # a bad --callbacks: before the work
 
         prepare_output_dir(self.output_dir, engine)
 
@@ -113,17 +100,20 @@ class Trainer:
         self.stop_watch = None if self.task.feed is None else StopWatch(
             lambda: self.preemption.requested, [s.root for s in self.task.feed.sources])
 
-        # Logging, checkpoints and uploads happen on the global main process only.
-        self.metrics = self.log_mirror = None
-        self.trackers = open_trackers(config, self.state, engine,
-                                      self.output_dir / "logs" / config.run_name, self.output_dir)
-        if self.main:  # the mirror copies logs to the bucket in the background, never waited on
-            self.log_mirror = start_log_mirror(config, self.store, self.output_dir,
-                                               self.trackers.flush, self.say,
-                                               resumed=self.state.step > 0,
-                                               stopping=lambda: self.preemption.requested)
-            self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl",
-                                         start_step=self.state.step)
+        # What hangs off the loop, in the order each event reaches it: evaluation first (it
+        # adds to a log step's record), the user's callbacks, then the writers. Files, trackers
+        # and the logs' copy in the bucket belong to the global main process.
+        self.latest: dict = {}  # the last logged value of each metric (the summary's)
+        self.stopped_early = False
+        trackers = Trackers(self)
+        self.metrics_file = self.log_mirror = None
+        if self.main:
+            self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", self.state.step)
+            self.log_mirror = LogMirror(self, trackers.flush)
+        self.callbacks = CallbackList([
+            Evaluation(), *own_callbacks, ProgressBar(),
+            *[c for c in (self.metrics_file, trackers, self.log_mirror) if c is not None]])
+        self._closed = False
         self.publisher = CheckpointPublisher(
             self.store if self.main else None, f"checkpoints/{config.run_name}",
             background=config.background_upload and self.main,
@@ -135,13 +125,12 @@ class Trainer:
         if self.main:
             self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
         self.saver = Saver(engine, self.publisher, self.ckpt_root,
-                           tokenizer_dir(self.task.meta, Path(config.data_dir)), self.metrics,
-                           self.say)
+                           tokenizer_dir(self.task.meta, Path(config.data_dir)),
+                           self.metrics_file.writer if self.metrics_file else None, self.say)
         self.last_save = time.monotonic()
         self.interval_steps = 0
         self.pending_votes: Callable[[], list[float]] | None = None
         self.exit_by = math.inf  # after a signal: when the preemption budget runs out
-        self.last_loss = self.eval_loss = float("nan")
         self.saved: list[Path] = []
 
     # ------------------------------------------------------------------ set-up
@@ -186,46 +175,46 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to ``max_steps`` (or a preemption); returns the run's summary."""
-        config, state = self.config, self.state
+        config, state, emit = self.config, self.state, self.callbacks.emit
         start_step, start_tokens, started = state.step, state.tokens_seen, time.perf_counter()
-        if self.task.eval_before_training and state.step == 0:
-            self._baseline_eval()
-        bar = tqdm(total=config.max_steps, initial=state.step, desc="training", unit="step",
-                   disable=not self.main, dynamic_ncols=True)
-        stopped_early = False
-        self.meter.reset()
         try:
-            with uploads_survive_an_abort(self.publisher, bar, config, self.say):
-                while state.step < config.max_steps and not stopped_early:
+            emit("pre_train", self)
+            self.meter.reset()
+            with uploads_survive_an_abort(self.publisher, config, self.say,
+                                          on_abort=lambda err: emit("on_error", self, err)):
+                while state.step < config.max_steps and not self.stopped_early:
+                    emit("pre_step", self)
                     try:
                         self._step()
                     except WaitStopped:  # a signal while the readers waited for a shard
                         self._save_finished_steps(start_step)
-                        stopped_early = True
+                        self.stopped_early = True
                         continue
-                    bar.update(1)
-                    stopped_early = self._after_step(bar)
+                    emit("post_step", self)
+                    self.stopped_early = self._after_step()
                 if self.pending_votes is not None:
                     self.pending_votes()  # the last exchange: no collective left in flight
+            emit("post_train", self)
             elapsed = time.perf_counter() - started
-            return self._finish(start_step, start_tokens, elapsed, stopped_early)
+            return self._finish(start_step, start_tokens, elapsed)
         finally:
+            self._close_callbacks()
             if self.task.feed is not None:
                 self.stop_watch.close()
                 self.task.feed.close()
             if self.claim is not None:  # a bucket that hangs must not hold the exit
-                self.claim.release(RELEASE_S if self._budget_left() is None else
-                                   min(RELEASE_AFTER_SIGNAL_S, self._budget_left()))
+                self.claim.release(RELEASE_S if self.budget_left() is None else
+                                   min(RELEASE_AFTER_SIGNAL_S, self.budget_left()))
 
-    def _baseline_eval(self) -> None:
-        """The held-out number before any step (GRPO: the base's reward), what the run
-        improves on."""
-        key = self.task.eval_metric
-        value = evaluate(self.engine, self.task, self.config.per_device_train_batch_size)
-        self.say(f"{key} before training: {value:.4f}")
-        if self.main:
-            self.metrics.write({"step": 0, key: value})
-            self.trackers.log({key: value}, 0)
+    def due(self, every: int) -> bool:
+        """Whether an action every ``every`` steps is due after this step (and the last)."""
+        return due(self.state.step, every, self.config.max_steps)
+
+    def log_metrics(self, record: dict) -> None:
+        """Send a record through the callbacks (evaluation adds to it, writers write it)."""
+        self.callbacks.emit("log_metrics", self, record)
+        if record["step"] > 0:  # a baseline before training is not the run's result
+            self.latest.update(record)
 
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
@@ -250,7 +239,7 @@ class Trainer:
         self.interval_steps += 1
         self.meter.add(tokens)
 
-    def _after_step(self, bar: tqdm) -> bool:
+    def _after_step(self) -> bool:
         """Log, evaluate, save as due; True when the run must stop (preemption)."""
         config, step = self.config, self.state.step
         log_now = due(step, config.logging_steps, config.max_steps)
@@ -264,7 +253,7 @@ class Trainer:
             sums, grad_norm = self.engine.read_interval()
             check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
         if log_now:
-            self._log(sums, grad_norm, bar)
+            self._log(sums, grad_norm)
         if save_now or stop_now:
             self.saved.append(self._save())
             self.meter.reset()
@@ -310,10 +299,9 @@ class Trainer:
         agreed = previous() if previous is not None else [0.0, 0.0, 0.0]
         return agreed[0] > 0, agreed[1] > 0, agreed[2] > 0
 
-    def _log(self, sums: dict[str, float], grad_norm: float, bar: tqdm) -> None:
+    def _log(self, sums: dict[str, float], grad_norm: float) -> None:
         config, state, steps = self.config, self.state, self.interval_steps
         means = {key: value / steps for key, value in sums.items()}
-        self.last_loss = means["loss"]
         # The LR of the next step (as torch's scheduler.get_last_lr() reports it).
         lr = config.learning_rate * lr_factor(state.step, config.warmup_steps, config.max_steps,
                                               config.min_lr_ratio)
@@ -326,39 +314,27 @@ class Trainer:
             record["tokens_by_source"] = {name: windows * config.seq_len for name, windows
                                           in self.sampler.taken_by_source().items()}
         record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
-        if due(state.step, config.eval_steps, config.max_steps):
-            key = self.task.eval_metric
-            self.eval_loss = record[key] = evaluate(
-                self.engine, self.task, config.per_device_train_batch_size)
-        if self.main:
-            self.metrics.write(record)
-            self.trackers.log(record, state.step)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        eta=format_eta(record["eta_s"]))
+        self.log_metrics(record)
         self.engine.reset_interval()
         self.interval_steps = 0
         self.meter.reset()  # eval time is not training throughput
 
     def _save(self) -> Path:
         self.last_save = time.monotonic()
-        return self.saver.save(self.state, self.config.record())
+        path = self.saver.save(self.state, self.config.record())
+        self.callbacks.emit("post_checkpoint_saved", self, path)
+        return path
 
     # ------------------------------------------------------------------ the end
 
-    def _finish(self, start_step: int, start_tokens: int, elapsed: float,
-                stopped_early: bool) -> dict:
-        config = self.config
+    def _finish(self, start_step: int, start_tokens: int, elapsed: float) -> dict:
+        config, stopped_early = self.config, self.stopped_early
         if stopped_early:
             uploads_done = self._within_the_budget()
         else:
             self.saver.wait()  # the last checkpoint is written, then uploaded
-            uploads_done = finish_uploads(self.publisher, config, self._budget_left, EXIT_S)
-        if self.main:  # after a signal the logs get what the checkpoint left of the budget
-            left = self._budget_left()
-            self.trackers.close(timeout=left)
-            if self.log_mirror is not None:  # a normal end's own bound, within the budget
-                bound = math.inf if stopped_early else config.upload_timeout_s
-                self.log_mirror.close(bound if left is None else min(bound, left))
+            uploads_done = finish_uploads(self.publisher, config, self.budget_left, EXIT_S)
+        self._close_callbacks()  # after a signal the logs get what the checkpoint left
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
                 merged = self.engine.merge(self.saved[-1] if self.saved
@@ -368,7 +344,8 @@ class Trainer:
             self.engine.wait_for_everyone()
         summary, table = run_summary(
             config=config, state=self.state, start_step=start_step, start_tokens=start_tokens,
-            elapsed=elapsed, last_loss=self.last_loss, eval_loss=self.eval_loss,
+            elapsed=elapsed, last_loss=self.latest.get("loss", math.nan),
+            eval_loss=self.latest.get(self.task.eval_metric, math.nan),
             saved=self.saved, uploads_done=uploads_done, stopped_early=stopped_early,
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
             local_only=self.publisher.local_only, saving=self.saver.totals(),
@@ -377,7 +354,14 @@ class Trainer:
         self.say(table)
         return summary
 
-    def _budget_left(self) -> float | None:
+    def _close_callbacks(self) -> None:
+        """The callbacks' ``close``, once: at a normal end before the summary (so the logs
+        copied to the bucket hold the whole run), else on the way out."""
+        if not self._closed:
+            self._closed = True
+            self.callbacks.emit("close", self)
+
+    def budget_left(self) -> float | None:
         """Seconds left of the preemption budget (less ``EXIT_S``) once a stop was requested
         (recorded in ``exit_by``, which bounds every wait to the exit); None before."""
         if self.preemption.requested:

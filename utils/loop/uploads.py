@@ -13,17 +13,17 @@ from configs.training_config import TrainingConfig
 
 
 @contextmanager
-def uploads_survive_an_abort(publisher, bar, config: TrainingConfig, say) -> Iterator[None]:
+def uploads_survive_an_abort(publisher, config: TrainingConfig, say,
+                             on_abort: Callable[[BaseException], None]) -> Iterator[None]:
     """Around the loop: a crash or Ctrl-C still waits (bounded) for earlier checkpoints'
-    uploads before it propagates; the progress bar is closed either way."""
+    uploads before it propagates; ``on_abort`` (the callbacks' ``on_error``) runs first."""
     try:
         yield
-    except BaseException:
-        bar.close()
+    except BaseException as err:
+        on_abort(err)
         say("run aborted: waiting for uploads of earlier checkpoints")
         publisher.close(timeout=config.upload_timeout_s)
         raise
-    bar.close()
 
 
 def finish_uploads(publisher, config: TrainingConfig, budget_left: Callable[[], float | None],
