@@ -1,5 +1,10 @@
 """The command line's contract around a run: one engine, one stage or a curriculum, one-line
-errors (``error: ...`` on stderr, exit status 1) instead of tracebacks."""
+errors (``error: ...`` on stderr) instead of tracebacks.
+
+Exit status: 0 done (or stopped by a signal after saving); 2 a configuration error found at
+start-up (``ConfigError``, like a bad flag value at parse time: running again unchanged
+repeats it, so ``start_training.sh --max-restarts`` never retries it); 1 any other error,
+one line or a traceback (a crash: a restart with ``--resume latest`` may get past it)."""
 
 from __future__ import annotations
 
@@ -9,11 +14,14 @@ from collections.abc import Callable
 from functools import partial
 
 from configs.training_config import TrainingConfig
-from utils.errors import HarnessError, disk_full
+from utils.errors import ConfigError, HarnessError, disk_full
 from utils.loop.engine import Engine
 from utils.loop.preflight import run_preflight
 from utils.loop.trainer import train
 from utils.stages.curriculum import run_curriculum
+
+# The exit status of a configuration error (the parser's for a bad flag value, too).
+CONFIG_ERROR = 2
 
 
 def _exit_now() -> None:
@@ -39,7 +47,7 @@ def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
         engine.finish()  # after the last stage: it may end the process group
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return CONFIG_ERROR if isinstance(err, ConfigError) else 1
     except OSError as err:
         if not disk_full(err):
             raise
