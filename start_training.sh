@@ -197,7 +197,7 @@ while :; do
   esac
   [ -z "$STOP" ] || exit "$STATUS"
   if [ "$STATUS" -gt 128 ]; then
-    CAUSE="killed by SIG$(kill -l "$((STATUS - 128))" 2>/dev/null || echo "$((STATUS - 128))") (status $STATUS)"
+    CAUSE="killed by SIG$(kill -l "$((STATUS - 128))" 2>/dev/null || echo "$((STATUS - 128))"), status $STATUS"
   else
     CAUSE="exit status $STATUS"
   fi
