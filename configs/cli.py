@@ -122,6 +122,7 @@ RANGES: dict[str, Range] = {
     "adam_beta2": FRACTION,
     "adam_epsilon": POSITIVE,
     "max_grad_norm": POSITIVE,
+    "max_skipped_steps": count(0, "0 = stop at the first"),
     "seed": Range(0, 2**32 - 1, note="numpy's seed range"),
     "loss_chunk_tokens": count(0, "0 = all at once"),
     "num_workers": count(0, "0 = read in the training process"),

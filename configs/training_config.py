@@ -176,6 +176,10 @@ class TrainingConfig:
     adam_beta2: float = OPTIM(0.95, "AdamW beta2: decay of the squared gradient's running mean")
     adam_epsilon: float = OPTIM(1e-8, "AdamW epsilon, added to the update's denominator")
     max_grad_norm: float = OPTIM(1.0, "clip the gradients' global L2 norm to this")
+    max_skipped_steps: int = OPTIM(
+        10, "updates whose loss or gradient norm is not finite are skipped on the device (no "
+            "weight, moment or step count changes, counted as skipped_steps); more than this "
+            "many in a row stop the run, unsaved")
     seed: int = RUN(
         42, "seeds the model's initialisation, the data order and the held-out split")
     mixed_precision: Literal["bf16", "fp16", "no"] = MODEL(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,7 +70,8 @@ class FakeEngine:
                  on_step: Callable[[int], None] = lambda step: None) -> None:
         self.loss_at, self.on_step = loss_at, on_step
         self.weight = 0.0
-        self.interval = 0.0
+        self.run = 0
+        self.reset_interval()
         self.seen: list[list[int]] = []  # the window indices of every step, in order
 
     # collectives of one process
@@ -98,15 +100,23 @@ class FakeEngine:
     def train_step(self, micro_batches: list[dict], step: int,
                    target_count: float | None = None) -> None:
         self.seen.append([i for batch in micro_batches for i in batch["input_ids"]])
-        self.interval += self.loss_at(step)
-        self.weight += 1.0
+        loss = self.loss_at(step)
+        if math.isfinite(loss):  # as the engines do: a non-finite update is skipped
+            self.interval += loss
+            self.weight += 1.0
+            self.run = 0
+        else:
+            self.skipped, self.run = self.skipped + 1, self.run + 1
+            self.longest = max(self.longest, self.run)
         self.on_step(step)
 
     def read_interval(self) -> tuple[dict[str, float], float]:
-        return {"loss": self.interval}, 0.5
+        return {"loss": self.interval, "skipped_steps": self.skipped,
+                "skip_run": self.longest}, 0.5
 
     def reset_interval(self) -> None:
-        self.interval = 0.0
+        self.interval, self.skipped = 0.0, 0
+        self.longest = self.run  # a run of skips carries over into the next interval
 
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

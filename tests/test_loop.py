@@ -43,11 +43,24 @@ def test_logs_evaluates_and_saves_on_its_cadence(sample_data, tmp_path):
     assert head["lineage"] == summary["checkpoints"] and head["run_id"] == summary["run_id"]
 
 
-def test_a_nan_loss_stops_the_run_before_anything_is_saved_from_it(sample_data, tmp_path):
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(sample_data, tmp_path):
     config = fake_config(sample_data, tmp_path, max_steps=8, logging_steps=4, save_steps=2)
     engine = FakeEngine(loss_at=lambda step: math.nan if step == 4 else 1.0)
-    with pytest.raises(TrainingError, match="loss became nan at step 6"):
-        Trainer(config, engine).run()  # step index 4 is the 5th step; noticed at the save
+    summary = Trainer(config, engine).run()  # step index 4 is the 5th step
+    assert engine.weight == 7.0  # that update was not applied
+    assert [(r["step"], r["skipped_steps"], r["loss"]) for r in metrics(tmp_path)] == [
+        (4, 0, 1.0), (8, 1, 1.0)]  # the skipped step's loss is not averaged in
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 8
+
+
+def test_too_many_skips_in_a_row_stop_the_run_before_anything_is_saved_from_them(
+        sample_data, tmp_path):
+    config = fake_config(sample_data, tmp_path, max_steps=12, logging_steps=4, save_steps=2,
+                         max_skipped_steps=2)
+    engine = FakeEngine(loss_at=lambda step: math.nan if step >= 3 else 1.0)
+    with pytest.raises(TrainingError, match=r"3 updates in a row up to step 6 had a "
+                                            r"non-finite loss or gradient norm"):
+        Trainer(config, engine).run()  # step indices 3, 4, 5: the 4th to 6th steps
     assert _steps(find_complete(tmp_path / "checkpoints")) == [2, 4]
 
 
@@ -153,6 +166,7 @@ def test_callbacks_see_each_event_once_in_order_with_evaluation_before_them(samp
 def test_a_failing_run_tells_the_callbacks_and_closes_them(sample_data, tmp_path):
     config = fake_config(sample_data, tmp_path, max_steps=8, logging_steps=2)
     trainer, recorder = _with_recorder(config, FakeEngine(loss_at=lambda step: math.nan))
+    trainer.config.max_skipped_steps = 0
     with pytest.raises(TrainingError):
         trainer.run()
     assert recorder.events[-2:] == [("on_error", "TrainingError"), ("close", 2)]

@@ -44,14 +44,15 @@ def test_short_run_learns_logs_and_checkpoints(sample_data, tmp_path):
     assert "4,208,128 parameters" in result.stdout and "final loss" in result.stdout
 
 
-def test_nan_loss_stops_with_one_line_and_no_complete_checkpoint(sample_data, tmp_path):
+def test_non_finite_steps_stop_with_one_line_and_no_complete_checkpoint(sample_data, tmp_path):
     out = tmp_path / "out"
     result = run_train(*TINY, "--data-dir", str(sample_data), "--output-dir", str(out),
                        "--bucket", "", "--max-steps", "20", "--logging-steps", "2",
                        "--save-steps", "4", "--learning-rate", "1e30", "--warmup-steps", "0",
-                       tmp_path=tmp_path)
+                       "--max-skipped-steps", "0", tmp_path=tmp_path)
     assert result.returncode == 1
-    assert "loss became nan" in _error_line(result.stderr)
+    assert "had a non-finite loss or gradient norm and were skipped" in _error_line(
+        result.stderr)
     assert find_complete(out / "checkpoints") == []
 
 

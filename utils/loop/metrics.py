@@ -101,7 +101,8 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
                 last_loss: float, eval_loss: float, saved: list, uploads_done: bool,
                 stopped_early: bool, where: str, ckpt_root: Path, store,
                 local_only: list[tuple[str, str]] = (), saving: str = "",
-                streamed: str = "", logs_mirror: str = "") -> tuple[dict, str]:
+                streamed: str = "", logs_mirror: str = "",
+                skipped_steps: int = 0) -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -110,6 +111,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         "tokens_per_s": (state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
         "checkpoints": [p.name for p in saved], "uploads_complete": uploads_done,
         "stopped_early": stopped_early, "local_only": [name for name, _ in local_only],
+        "skipped_steps": skipped_steps,
     }
     table = summary_table([
         ("run", f"{config.run_name} (run id {state.run_id}; {config.model}, {where})"),
@@ -118,6 +120,8 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("time", format_eta(elapsed)),
         ("throughput", f"{summary['tokens_per_s']:,.0f} tokens/s"),
         ("final loss", f"{last_loss:.4f}"),
+        *([("skipped updates", f"{skipped_steps} (non-finite loss or gradient norm; "
+                               f"see skipped_steps in metrics.jsonl)")] if skipped_steps else []),
         ("eval reward" if config.stage == "grpo" else "eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
         *([("saving", saving)] if saving else []),

@@ -54,12 +54,24 @@ def due(step: int, every: int, max_steps: int) -> bool:
 
 
 def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
-    """A NaN/inf loss stops the run before anything is saved from it."""
+    """A NaN/inf loss of updates that were applied stops the run before anything is saved
+    from it (the engines skip updates whose gradient norm is not finite: see ``check_skips``)."""
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"loss became {mean_loss} at step {step}: stopping without saving (lower "
             f"--learning-rate, or check the data); the last complete checkpoint is still in "
             f"{ckpt_root}")
+
+
+def check_skips(run: int, step: int, limit: int, ckpt_root: Path) -> None:
+    """More than ``--max-skipped-steps`` updates in a row skipped (a non-finite loss or
+    gradient norm each time): the run is not recovering by itself, so it stops, unsaved."""
+    if run > limit:
+        raise TrainingError(
+            f"{run} updates in a row up to step {step} had a non-finite loss or gradient norm "
+            f"and were skipped (--max-skipped-steps {limit}): stopping without saving (lower "
+            f"--learning-rate, or check the data around these steps); the last complete "
+            f"checkpoint is still in {ckpt_root}")
 
 
 class Trainer:
@@ -131,6 +143,8 @@ class Trainer:
         self.interval_steps = 0
         self.pending_votes: Callable[[], list[float]] | None = None
         self.exit_by = math.inf  # after a signal: when the preemption budget runs out
+        # Updates skipped for a non-finite loss or gradient norm: logged intervals', this one's.
+        self.skipped_total = self.interval_skipped = 0
         self.saved: list[Path] = []
 
     # ------------------------------------------------------------------ set-up
@@ -250,10 +264,9 @@ class Trainer:
                                 f"taken over by another run; this run stopped")
         save_now = save_now or on_time
         if log_now or save_now or stop_now:
-            sums, grad_norm = self.engine.read_interval()
-            check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
+            means, grad_norm = self._read_interval()
         if log_now:
-            self._log(sums, grad_norm)
+            self._log(means, grad_norm)
         if save_now or stop_now:
             self.saved.append(self._save())
             self.meter.reset()
@@ -268,8 +281,7 @@ class Trainer:
         step = self.state.step
         if step > (step_of(self.saved[-1].name) if self.saved else start_step):
             if self.interval_steps:
-                sums, _ = self.engine.read_interval()
-                check_loss(sums["loss"] / self.interval_steps, step, self.ckpt_root)
+                self._read_interval()
             self.saved.append(self._save())
         self.say(f"stopping at step {step} on request while waiting for data from the bucket; "
                  + (f"checkpoint {self.saved[-1].name}" if self.saved
@@ -299,9 +311,22 @@ class Trainer:
         agreed = previous() if previous is not None else [0.0, 0.0, 0.0]
         return agreed[0] > 0, agreed[1] > 0, agreed[2] > 0
 
-    def _log(self, sums: dict[str, float], grad_norm: float) -> None:
+    def _read_interval(self) -> tuple[dict[str, float], float]:
+        """The interval's means over the updates that were applied, checked: a run of skipped
+        updates over the limit, or a non-finite loss among the applied ones, stops the run."""
+        sums, grad_norm = self.engine.read_interval()
+        skipped, run = int(sums.pop("skipped_steps", 0)), int(sums.pop("skip_run", 0))
+        check_skips(run, self.state.step, self.config.max_skipped_steps, self.ckpt_root)
+        kept = self.interval_steps - skipped / self.task.passes
+        means = {key: value / kept if kept > 0 else math.nan for key, value in sums.items()}
+        if kept > 0:
+            check_loss(means["loss"], self.state.step, self.ckpt_root)
+        self.interval_skipped = means["skipped_steps"] = skipped
+        return means, grad_norm
+
+    def _log(self, means: dict[str, float], grad_norm: float) -> None:
         config, state, steps = self.config, self.state, self.interval_steps
-        means = {key: value / steps for key, value in sums.items()}
+        means = dict(means)
         # The LR of the next step (as torch's scheduler.get_last_lr() reports it).
         lr = config.learning_rate * lr_factor(state.step, config.warmup_steps, config.max_steps,
                                               config.min_lr_ratio)
@@ -316,6 +341,10 @@ class Trainer:
         record["eta_s"] = record["step_time_s"] * (config.max_steps - state.step)
         self.log_metrics(record)
         self.engine.reset_interval()
+        if self.interval_skipped:
+            self.say(f"skipped {self.interval_skipped} update(s) with a non-finite loss or "
+                     f"gradient norm in the {steps} steps up to step {state.step}")
+        self.skipped_total, self.interval_skipped = self.skipped_total + self.interval_skipped, 0
         self.interval_steps = 0
         self.meter.reset()  # eval time is not training throughput
 
@@ -350,7 +379,8 @@ class Trainer:
             where=self.engine.where, ckpt_root=self.ckpt_root, store=self.store,
             local_only=self.publisher.local_only, saving=self.saver.totals(),
             streamed=self.task.feed.summary() if self.task.feed is not None else "",
-            logs_mirror=self.log_mirror.copied_to if self.log_mirror is not None else "")
+            logs_mirror=self.log_mirror.copied_to if self.log_mirror is not None else "",
+            skipped_steps=self.skipped_total + self.interval_skipped)
         self.say(table)
         return summary
 

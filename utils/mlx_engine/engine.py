@@ -8,6 +8,7 @@ weights the optimizer updates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +55,17 @@ def compute_dtype(config: TrainingConfig) -> mx.Dtype:
 
 def cast(params: dict, dtype: mx.Dtype) -> dict:
     return params if dtype == mx.float32 else tree_map(lambda p: p.astype(dtype), params)
+
+
+def keep_if(condition: mx.array, tree: dict | list, before: dict | list) -> None:
+    """Where ``condition`` is false, put ``before``'s arrays back into ``tree`` (in place:
+    ``mx.compile`` follows the optimizer's own state container)."""
+    for key in (range(len(tree)) if isinstance(tree, list) else list(tree)):
+        value = tree[key]
+        if isinstance(value, dict | list):
+            keep_if(condition, value, before[key])
+        elif isinstance(value, mx.array):
+            tree[key] = mx.where(condition, value, before[key])
 
 
 @dataclass
@@ -157,9 +169,16 @@ class MlxEngine(MlxProcesses):
                 return self.loss(model, batch)
 
             def update(params: dict, grads: dict) -> tuple[dict, mx.array]:
+                """A non-finite gradient norm keeps the weights and the optimizer state as
+                they were (``mx.where`` on every array: no branch, no host read)."""
                 grads = tree_map(lambda g: g / config.gradient_accumulation_steps, grads)
                 grads, grad_norm = optim.clip_grad_norm(grads, config.max_grad_norm)
-                return optimizer.apply_gradients(grads, params), grad_norm
+                finite = mx.isfinite(grad_norm)
+                before = tree_map(lambda x: x, optimizer.state)
+                updated = optimizer.apply_gradients(grads, params)
+                keep_if(finite, optimizer.state, before)
+                return tree_map(lambda new, old: mx.where(finite, new, old), updated,
+                                params), grad_norm
 
             loss_and_grads = mx.value_and_grad(loss_of)
             self._step_fns = (loss_and_grads, update)
@@ -190,12 +209,17 @@ class MlxEngine(MlxProcesses):
     def read_interval(self) -> tuple[dict[str, float], float]:
         keys = list(self._sums)
         sums = self.all_sum([self._sums[k] for k in keys])
-        return {k: v / self.num_processes for k, v in zip(keys, sums, strict=True)}, \
-            float(self._grad_norm.item())
+        means = {k: v / self.num_processes for k, v in zip(keys, sums, strict=True)}
+        means["skipped_steps"], means["skip_run"] = float(self._skipped), float(self._longest)
+        return means, float(self._grad_norm.item())
 
     def reset_interval(self) -> None:
         self._sums: dict[str, float] = {"loss": 0.0}
+        self._pending: dict[str, float] = {}  # this update's, until it is kept
         self._grad_norm = mx.array(0.0)
+        self._skipped = 0
+        self._run = getattr(self, "_run", 0)  # consecutive skipped updates, across intervals
+        self._longest = self._run
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -224,13 +248,23 @@ class MlxEngine(MlxProcesses):
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         mx.eval(loss, extras, self._grads)  # one micro-batch's activations alive at a time
         for key, value in {"loss": loss, **extras}.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value.item() / divisor
+            self._pending[key] = self._pending.get(key, 0.0) + value.item() / divisor
 
     def update(self) -> None:
+        """One update, skipped inside ``update`` when the gradient norm is not finite; the
+        norm is read here only because MLX has just evaluated it (no extra wait)."""
         _, update = self._fns()
         grads, self._grads = self._grads, None
         self.params, self._grad_norm = update(self.params, self.average_gradients(grads))
         mx.eval(self.params, self._grad_norm, self.optimizer.state)
+        skipped = not math.isfinite(self._grad_norm.item())
+        if not skipped:  # a skipped update's loss is not averaged in
+            for key, value in self._pending.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value
+        self._pending = {}
+        self._skipped += skipped
+        self._run = self._run + 1 if skipped else 0
+        self._longest = max(self._longest, self._run)
 
     def batch_loss(self, rows: Batch) -> float:
         loss, _ = self.loss(self.model, self.on_device(rows))

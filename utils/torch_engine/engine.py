@@ -202,11 +202,19 @@ class TorchEngine:
     def read_interval(self) -> tuple[dict[str, float], float]:
         means = {k: self.accelerator.reduce(v, reduction="mean").item()
                  for k, v in self._sums.items()}
+        means["skipped_steps"] = float(self._skipped)  # the same on every process
+        means["skip_run"] = float(self._longest_run)
         return means, float(self._grad_norm)
 
     def reset_interval(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
-        self._grad_norm = torch.zeros((), device=self.device)
+        zero = partial(torch.zeros, (), device=self.device)
+        self._sums: dict[str, torch.Tensor] = {"loss": zero()}
+        self._pending: dict[str, torch.Tensor] = {}  # this update's, until it is kept
+        self._grad_norm = zero()
+        self._skipped = zero(dtype=torch.int64)
+        # Consecutive skipped updates: the current run carries over from the last interval.
+        self._run = getattr(self, "_run", zero(dtype=torch.int64))
+        self._longest_run = self._run.clone()
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -235,13 +243,25 @@ class TorchEngine:
             loss, extras = self.loss(self.model, batch)
             self.accelerator.backward(loss)
         for key, value in {"loss": loss, **extras}.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value.detach() / divisor
+            self._pending[key] = self._pending.get(key, 0.0) + value.detach() / divisor
 
     def update(self) -> None:
+        """Clip and step, unless the gradient norm is not finite: then the fused AdamW kernel
+        skips the update on the device (``found_inf``, as a GradScaler sets it: weights,
+        moments and step count untouched). The norm is global (gradients are averaged over
+        processes first), so every process decides alike, and nothing is read on the host."""
         self._grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                            self.config.max_grad_norm)
+        bad = ~torch.isfinite(self._grad_norm)
+        self.optimizer.optimizer.found_inf = bad.float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for key, value in self._pending.items():  # a skipped update's loss is not averaged in
+            self._sums[key] = self._sums.get(key, 0.0) + torch.where(bad, 0.0, value)
+        self._pending = {}
+        self._skipped += bad
+        self._run = torch.where(bad, self._run + 1, 0)
+        self._longest_run = torch.maximum(self._longest_run, self._run)
 
     def batch_loss(self, rows: Batch) -> float:
         loss, _ = self.loss(self.model, self.on_device(rows))

@@ -25,10 +25,15 @@ def causal_lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
     again). Otherwise the whole logits are upcast here, as transformers' own loss does.
     """
     inputs, targets = windows[:, :-1], windows[:, 1:]
+    # An explicit all-ones mask: without one, transformers looks for packed sequences in the
+    # position ids with a data-dependent ``if`` (a host sync every forward). Pretraining's
+    # causal attention builds no mask from it (utils/torch_engine/model.py).
+    ones = torch.ones_like(inputs)
     if getattr(extract_model_from_parallel(model, keep_torch_compile=False),
                "loss_chunk_tokens", 0) > 0:
-        return model(input_ids=inputs, shift_labels=targets, use_cache=False).loss
-    logits = model(input_ids=inputs, use_cache=False).logits
+        return model(input_ids=inputs, attention_mask=ones, shift_labels=targets,
+                     use_cache=False).loss
+    logits = model(input_ids=inputs, attention_mask=ones, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

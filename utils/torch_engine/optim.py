@@ -17,7 +17,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float,
                 betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """Fused AdamW on CUDA (one kernel for all parameters), the default elsewhere."""
-    on_cuda = next(model.parameters()).is_cuda
+    """Fused AdamW (one kernel for all parameters, on CUDA and the CPU): besides speed, it
+    takes ``found_inf``, which lets the engine skip a non-finite update on the device."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=on_cuda or None)
+                             fused=True)
