@@ -20,7 +20,7 @@ from helpers import metrics
 
 from utils.checkpoint import find_complete, lineage
 from utils.errors import ConfigError, TrainingError
-from utils.loop.callbacks import Callback
+from utils.loop.callbacks import Callback, Evaluation
 from utils.loop.trainer import Trainer
 
 
@@ -143,7 +143,9 @@ class Recorder(Callback):
 def _with_recorder(config, engine):
     trainer = Trainer(config, engine)
     recorder = Recorder()
-    trainer.callbacks.callbacks.insert(1, recorder)  # after evaluation, before the writers
+    callbacks = trainer.callbacks.callbacks  # after evaluation, before the writers
+    callbacks.insert(1 + next(i for i, c in enumerate(callbacks) if isinstance(c, Evaluation)),
+                     recorder)
     return trainer, recorder
 
 

@@ -211,7 +211,7 @@ def test_missing_wandb_package_stops_at_the_start_with_one_line(sample_data, tmp
     result = run_train(*TINY, "--data-dir", str(sample_data), "--output-dir", str(out),
                        "--bucket", "", "--max-steps", "4", "--report-to", "tensorboard,wandb",
                        tmp_path=tmp_path, env={"PYTHONPATH": str(site), **wandb_env(tmp_path)})
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error: never restarted
     (line,) = error_lines(result.stderr)
     assert "pip install wandb" in line and "drop wandb from --report-to" in line
     assert not (out / "metrics.jsonl").exists() and "training" not in result.stderr

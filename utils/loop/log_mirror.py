@@ -38,6 +38,7 @@ from utils.storage import Store, open_store
 
 AIP_ENV = "AIP_TENSORBOARD_LOG_DIR"
 METRICS = "metrics.jsonl"
+GOODPUT = "goodput.json"  # utils.loop.goodput's account, kept next to metrics.jsonl
 MIN_INTERVAL_S = 1.0  # GCS takes about one write per second to the same object
 EXIT_TIMEOUT_S = 10.0  # an abort (exception, sys.exit) still mirrors, this long at most
 WAIT_SLICE_S = 1.0  # the thread's waits look at the loop's stop flag this often
@@ -89,18 +90,22 @@ class LogMirror:
         return self
 
     def restore_metrics(self) -> None:
-        """A resumed run on a machine without its metrics.jsonl (a replaced spot VM) starts
-        from the mirrored copy, so the bucket's copy is not cut down to the new steps. Called
-        before the metrics writer opens the file; a failure only costs the earlier lines."""
-        if self.metrics.exists():
-            return
-        try:
-            if self.target.exists(METRICS):
-                self.target.download_file(METRICS, self.metrics)
-                self.log(f"restored {METRICS} of the earlier attempt from {self.target.url}")
-        except (StorageError, OSError) as err:
-            self.log(f"could not restore {METRICS} from {self.target.url} ({first_line(err)}); "
-                     f"the mirrored copy will hold this attempt's steps only")
+        """A resumed run on a machine without its metrics.jsonl and goodput.json (a replaced
+        spot VM) starts from the mirrored copies, so the bucket's are not cut down to the new
+        steps and sessions. Called before the metrics writer and the goodput account open
+        them; a failure only costs the earlier lines."""
+        for local in (self.metrics, self.metrics.with_name(GOODPUT)):
+            if local.exists():
+                continue
+            try:
+                if self.target.exists(local.name):
+                    self.target.download_file(local.name, local)
+                    self.log(f"restored {local.name} of the earlier attempt from "
+                             f"{self.target.url}")
+            except (StorageError, OSError) as err:
+                self.log(f"could not restore {local.name} from {self.target.url} "
+                         f"({first_line(err)}); the mirrored copy will hold this attempt's "
+                         f"records only")
 
     def close(self, timeout: float | None = 60.0) -> bool:
         """The final pass, then stop; True when it finished within ``timeout`` and copied
@@ -165,8 +170,9 @@ class LogMirror:
                 rel = path.relative_to(self.log_dir).as_posix()
                 if path.is_file() and not any(p.startswith(".") for p in rel.split("/")):
                     found.append((path, rel))
-        if self.metrics.is_file():
-            found.append((self.metrics, METRICS))
+        for local in (self.metrics, self.metrics.with_name(GOODPUT)):
+            if local.is_file():
+                found.append((local, local.name))
         return found
 
     def mirror_once(self) -> int:

@@ -29,7 +29,9 @@ from utils.loop.callbacks import (
 from utils.loop.data_sync import sync_training_data
 from utils.loop.engine import Engine, ModelInfo
 from utils.loop.gce import preemption_facts
+from utils.loop.goodput import Goodput
 from utils.loop.metrics import ThroughputMeter, flops_per_token, run_summary
+from utils.loop.optional_callbacks import configured_callbacks
 from utils.loop.resuming import continue_from, open_checkpoint_store, resolve_resume
 from utils.loop.run_claim import claim_run, prepare_output_dir
 from utils.loop.saving import Saver, preemption_report
@@ -78,6 +80,7 @@ class Trainer:
     """One run of one stage: built from a config and an engine, then ``run()``."""
 
     def __init__(self, config: TrainingConfig, engine: Engine) -> None:
+        self.created = time.time()  # the goodput account's start of a session
         self.config, self.engine = config, engine
         self.main = engine.is_main_process
         # Each machine's console shows the run (its local main process prints).
@@ -96,7 +99,13 @@ class Trainer:
         self.info = engine.setup(self.task, config)
         self.store = open_checkpoint_store(config, engine)
         self.claim = claim_run(config, engine, self.ckpt_root, self.store, self.say)
+        # What only the loop sees, for the goodput account (seconds): restore, data waits,
+        # checkpoints (saves blocking the loop, the end's wait for uploads).
+        self.timings: dict[str, float] = dict.fromkeys(("restore", "data_wait", "checkpoints"),
+                                                       0.0)
+        restore_started = time.perf_counter()
         self.state = self._resume()
+        self.timings["restore"] = time.perf_counter() - restore_started
         self.sampler = self.task.sampler(config.per_device_train_batch_size,
                                          engine.process_index, engine.num_processes,
                                          config.seed, self.state.position)
@@ -122,8 +131,9 @@ class Trainer:
         if self.main:
             self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", self.state.step)
             self.log_mirror = LogMirror(self, trackers.flush)
+        self.goodput = Goodput(self)
         self.callbacks = CallbackList([
-            Evaluation(), *own_callbacks, ProgressBar(),
+            self.goodput, Evaluation(), *configured_callbacks(self), *own_callbacks, ProgressBar(),
             *[c for c in (self.metrics_file, trackers, self.log_mirror) if c is not None]])
         self._closed = False
         self.publisher = CheckpointPublisher(
@@ -233,7 +243,9 @@ class Trainer:
     def _step(self) -> None:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         task, engine = self.task, self.engine
+        waiting = time.perf_counter()
         micro = [next(self.batches) for _ in range(self.config.gradient_accumulation_steps)]
+        self.timings["data_wait"] += time.perf_counter() - waiting
         tokens = sum(task.count_tokens(b) for b in micro)
         targets = sum(task.count_targets(b) for b in micro) if task.count_targets else 0
         if task.stage == "pretrain":  # every window holds seq_len tokens, on every process
@@ -349,8 +361,9 @@ class Trainer:
         self.meter.reset()  # eval time is not training throughput
 
     def _save(self) -> Path:
-        self.last_save = time.monotonic()
+        started = self.last_save = time.monotonic()
         path = self.saver.save(self.state, self.config.record())
+        self.timings["checkpoints"] += time.monotonic() - started
         self.callbacks.emit("post_checkpoint_saved", self, path)
         return path
 
@@ -358,11 +371,13 @@ class Trainer:
 
     def _finish(self, start_step: int, start_tokens: int, elapsed: float) -> dict:
         config, stopped_early = self.config, self.stopped_early
+        waits_started = time.perf_counter()
         if stopped_early:
             uploads_done = self._within_the_budget()
         else:
             self.saver.wait()  # the last checkpoint is written, then uploaded
             uploads_done = finish_uploads(self.publisher, config, self.budget_left, EXIT_S)
+        self.timings["checkpoints"] += time.perf_counter() - waits_started
         self._close_callbacks()  # after a signal the logs get what the checkpoint left
         if config.merge and config.stage != "pretrain" and not stopped_early:
             if self.main:  # from the final checkpoint, complete by now
@@ -380,7 +395,7 @@ class Trainer:
             local_only=self.publisher.local_only, saving=self.saver.totals(),
             streamed=self.task.feed.summary() if self.task.feed is not None else "",
             logs_mirror=self.log_mirror.copied_to if self.log_mirror is not None else "",
-            skipped_steps=self.skipped_total + self.interval_skipped)
+            skipped_steps=self.skipped_total + self.interval_skipped, goodput=self.goodput.line)
         self.say(table)
         return summary
 
