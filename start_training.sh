@@ -179,8 +179,11 @@ pass_on() {  # a signal for this script is for training: pass it on, and never r
 }
 trap 'pass_on TERM' TERM
 trap 'pass_on INT' INT
-RUN=("${CMD[@]}") RESTARTS=0
+RUN=("${CMD[@]}") RESTARTS=0 STATUS=""
 while :; do
+  if [ -n "$STOP" ]; then  # a signal came between two attempts: no new one
+    exit "${STATUS:-$((128 + $(kill -l "$STOP")))}"
+  fi
   # A script's background command ignores SIGINT; training gets Ctrl-C's default back.
   ( trap - INT QUIT; exec "${RUN[@]}" ) &
   CHILD=$!
