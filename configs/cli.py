@@ -123,6 +123,7 @@ RANGES: dict[str, Range] = {
     "adam_epsilon": POSITIVE,
     "max_grad_norm": POSITIVE,
     "max_skipped_steps": count(0, "0 = stop at the first"),
+    "max_rollbacks": count(0, "0 = stop instead"),
     "seed": Range(0, 2**32 - 1, note="numpy's seed range"),
     "loss_chunk_tokens": count(0, "0 = all at once"),
     "num_workers": count(0, "0 = read in the training process"),

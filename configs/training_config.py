@@ -179,7 +179,10 @@ class TrainingConfig:
     max_skipped_steps: int = OPTIM(
         10, "updates whose loss or gradient norm is not finite are skipped on the device (no "
             "weight, moment or step count changes, counted as skipped_steps); more than this "
-            "many in a row stop the run, unsaved")
+            "many in a row roll the run back (--max-rollbacks), then stop it, unsaved")
+    max_rollbacks: int = OPTIM(
+        2, "in-process rollbacks to the newest checkpoint of the run's line, the windows read "
+           "since skipped, when updates keep failing (--max-skipped-steps); 0 = stop instead")
     seed: int = RUN(
         42, "seeds the model's initialisation, the data order and the held-out split")
     mixed_precision: Literal["bf16", "fp16", "no"] = MODEL(

@@ -67,8 +67,10 @@ class FakeEngine:
     is_main_process = is_local_main_process = True
 
     def __init__(self, loss_at: Callable[[int], float] = lambda step: 10.0 / (step + 1),
-                 on_step: Callable[[int], None] = lambda step: None) -> None:
+                 on_step: Callable[[int], None] = lambda step: None,
+                 poisoned: frozenset[int] = frozenset()) -> None:
         self.loss_at, self.on_step = loss_at, on_step
+        self.poisoned = poisoned  # window indices whose steps' loss is NaN (bad data)
         self.weight = 0.0
         self.run = 0
         self.reset_interval()
@@ -100,7 +102,7 @@ class FakeEngine:
     def train_step(self, micro_batches: list[dict], step: int,
                    target_count: float | None = None) -> None:
         self.seen.append([i for batch in micro_batches for i in batch["input_ids"]])
-        loss = self.loss_at(step)
+        loss = math.nan if self.poisoned & set(self.seen[-1]) else self.loss_at(step)
         if math.isfinite(loss):  # as the engines do: a non-finite update is skipped
             self.interval += loss
             self.weight += 1.0
@@ -130,6 +132,7 @@ class FakeEngine:
         return FakeSnapshot(root, copy, config_dict, self.weight)
 
     def load(self, ckpt_dir: Path) -> TrainState:
+        self.run = 0  # as the engines: a rollback starts a fresh run of skips
         self.weight = json.loads((ckpt_dir / "model.safetensors").read_text())["weight"]
         return read_trainer_state(ckpt_dir)
 

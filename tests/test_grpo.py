@@ -37,7 +37,7 @@ def _nothing_complete(out: Path) -> bool:
 
 def test_bad_reward_name_is_one_line(tiny_base, sums, tmp_path):
     result = _grpo(tiny_base, sums, tmp_path / "out", tmp_path, "--reward", "numeric,nope")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error (never restarted)
     line = error_line(result.stderr)
     assert "nope" in line and "numeric_partial" in line, line  # names the choices
     assert _nothing_complete(tmp_path / "out")

@@ -8,6 +8,7 @@ callbacks' events (README's example, the order, errors, a bad --callbacks) — e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -53,15 +54,71 @@ def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on(sample_data, t
     assert summary["skipped_steps"] == 1 and summary["steps"] == 8
 
 
-def test_too_many_skips_in_a_row_stop_the_run_before_anything_is_saved_from_them(
+def test_failing_updates_roll_back_twice_then_stop_unsaved(
         sample_data, tmp_path):
     config = fake_config(sample_data, tmp_path, max_steps=12, logging_steps=4, save_steps=2,
                          max_skipped_steps=2)
     engine = FakeEngine(loss_at=lambda step: math.nan if step >= 3 else 1.0)
-    with pytest.raises(TrainingError, match=r"3 updates in a row up to step 6 had a "
-                                            r"non-finite loss or gradient norm"):
-        Trainer(config, engine).run()  # step indices 3, 4, 5: the 4th to 6th steps
-    assert _steps(find_complete(tmp_path / "checkpoints")) == [2, 4]
+    with pytest.raises(TrainingError, match=r"4 updates in a row up to step 10 had a "
+                                            r"non-finite loss or gradient norm .* after 2 "
+                                            r"rollback\(s\) \(step 6 -> 4, 4 windows skipped; "
+                                            r"step 8 -> 6, 4 windows skipped\)"):
+        Trainer(config, engine).run()  # every step from index 3 on fails: 2 rollbacks, stop
+    # Step 6 was saved on the rolled-back line: skipped updates leave the weights as they were
+    # (3 updates, as in step 4's), and nothing is saved after the last failing run.
+    assert _steps(find_complete(tmp_path / "checkpoints")) == [2, 4, 6]
+    assert engine.weight == 3.0
+
+
+def _poison_steps(sample_data, tmp_path, steps: range) -> frozenset[int]:
+    """The windows a clean run reads at ``steps`` (step indices): a stretch of bad data."""
+    clean = FakeEngine()
+    Trainer(fake_config(sample_data, tmp_path / "clean", max_steps=steps.stop + 12), clean).run()
+    return frozenset(i for step in steps for i in clean.seen[step])
+
+
+def test_persistent_poison_rolls_back_skips_the_windows_and_completes(sample_data, tmp_path):
+    poisoned = _poison_steps(sample_data, tmp_path, range(5, 10))
+    out = tmp_path / "run"
+    config = fake_config(sample_data, out, max_steps=16, save_steps=4, max_skipped_steps=2)
+    engine = FakeEngine(poisoned=poisoned)
+    summary = Trainer(config, engine).run()
+    (event,) = metrics(out, "rollback")
+    # Steps 6-8 (indices 5-7) failed; noticed after step 8: back to step 4, whose weight
+    # (4 updates) is the one trained on; the poisoned windows of indices 8-9 are skipped too.
+    assert (event["from_step"], event["step"], event["windows_skipped"]) == (8, 4, 8)
+    assert event["checkpoint"] == "checkpoint-epoch0-step4-files1"
+    assert summary["steps"] == 16 and summary["final_loss"] == pytest.approx(10 / 16)
+    assert engine.weight == 4 + 16 - 4 - 2  # the updates kept: 4, then 12 steps less 2 skipped
+    assert summary["rollbacks"] == ["rolled back from step 8 to checkpoint-epoch0-step4-files1 "
+                                    "(step 4); skipping the 8 windows read since"]
+    assert lineage.read_local(out / "checkpoints")["lineage"][-1] == summary["checkpoints"][-1]
+    # Step 8 was saved on the new line only: 4 updates, then 2 skipped and 2 applied.
+    step8 = out / "checkpoints" / "checkpoint-epoch0-step8-files1" / "model.safetensors"
+    assert json.loads(step8.read_text())["weight"] == 6.0
+
+
+def test_max_rollbacks_0_stops_with_one_line(sample_data, tmp_path):
+    poisoned = _poison_steps(sample_data, tmp_path, range(5, 10))
+    config = fake_config(sample_data, tmp_path / "run", max_steps=16, save_steps=4,
+                         max_skipped_steps=2, max_rollbacks=0)
+    with pytest.raises(TrainingError, match=r"^3 updates in a row up to step 8 .* after 0 "
+                                            r"rollback\(s\): stopping without saving"):
+        Trainer(config, FakeEngine(poisoned=poisoned)).run()
+
+
+def test_a_resume_after_a_rollback_continues_exactly(sample_data, tmp_path):
+    poisoned = _poison_steps(sample_data, tmp_path, range(5, 10))
+    settings = {"max_steps": 16, "save_steps": 4, "max_skipped_steps": 2}
+    whole = FakeEngine(poisoned=poisoned)
+    Trainer(fake_config(sample_data, tmp_path / "whole", **settings), whole).run()
+    out = tmp_path / "cut"
+    first = FakeEngine(poisoned=poisoned)  # stopped at step 11, after the rollback
+    Trainer(fake_config(sample_data, out, **{**settings, "max_steps": 11}), first).run()
+    second = FakeEngine(poisoned=poisoned)
+    Trainer(fake_config(sample_data, out, **settings, resume="latest", overwrite=False),
+            second).run()
+    assert first.seen + second.seen == whole.seen and second.weight == whole.weight
 
 
 def test_a_signal_saves_the_finished_steps_and_stops(sample_data, tmp_path):

@@ -125,3 +125,45 @@ def test_mlx_skips_a_poisoned_update_and_keeps_its_optimizer_state(sample_data, 
         same = all(np.array_equal(params[k], previous[k]) for k in params)
         assert same == (index in POISONED)
     assert summary["skipped_steps"] == 2 and math.isfinite(summary["final_loss"])
+
+
+def _poison_stream(trainer, engine, batches: range, factor) -> None:
+    """Bad data: the stream's batches ``batches`` (counted as drawn, so a rollback, which
+    keeps the data position, moves past them) make the loss NaN."""
+    drawn = iter(trainer.batches)
+    loss = engine.loss
+
+    def tagged():
+        for index, batch in enumerate(drawn):
+            yield {**batch, "poison": factor(math.nan if index in batches else 1.0)}
+
+    def poisoned_loss(model, batch):
+        value, extras = loss(model, batch)
+        return value * batch["poison"], extras
+
+    trainer.batches, engine.loss = tagged(), poisoned_loss
+
+
+@pytest.mark.slow
+def test_torch_rolls_back_past_poisoned_data_and_ends_near_a_clean_run(sample_data, tmp_path):
+    torch = pytest.importorskip("torch")
+    from utils.torch_engine.engine import TorchEngine
+
+    def run(out, poison: range | None) -> dict:
+        config = fake_config(sample_data, out, max_steps=40, logging_steps=5, save_steps=10,
+                             compile=False, mixed_precision="no", eval_windows=0,
+                             max_skipped_steps=2)
+        engine = TorchEngine(config)
+        trainer = Trainer(config, engine)
+        if poison is not None:
+            _poison_stream(trainer, engine, poison, lambda v: torch.tensor(v))
+        return trainer.run()
+
+    clean = run(tmp_path / "clean", None)
+    rolled = run(tmp_path / "rolled", range(12, 20))
+    print(f"final loss: clean {clean['final_loss']:.4f}, rolled back "
+          f"{rolled['final_loss']:.4f}; {rolled['rollbacks']}")
+    assert rolled["rollbacks"] and rolled["steps"] == 40
+    assert rolled["final_loss"] == pytest.approx(clean["final_loss"], rel=0.05)
+    records = metrics(tmp_path / "rolled", "rollback")
+    assert [r["step"] for r in records] == [10] * len(rolled["rollbacks"])

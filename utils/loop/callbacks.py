@@ -166,6 +166,10 @@ class Trackers(Callback):
                                       trainer.output_dir)
 
     def log_metrics(self, trainer: Trainer, record: dict) -> None:
+        self.log(trainer, record)
+
+    def log(self, trainer: Trainer, record: dict) -> None:
+        """``record`` (flat or nested numbers) at its step, main process only."""
         if trainer.main:
             self.trackers.log(record, record["step"])
 

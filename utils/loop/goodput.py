@@ -141,7 +141,8 @@ class Goodput(Callback):
         step = trainer.state.step
         stepping = self.step_s  # steps after the first, without their data waits
         # Steps an earlier session had trained already (it died before saving them).
-        redone_steps = max(0, min(self.previous_step, step) - self.start_step)
+        redone_steps = (max(0, min(self.previous_step, step) - self.start_step)
+                        + trainer.rolled_back_steps)  # and steps a rollback discarded
         per_step = stepping / max(self.steps - 1, 1)
         redone = min(stepping, redone_steps * per_step)
         pre_train = (self._train_started or now) - self.started_at

@@ -102,7 +102,8 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
                 stopped_early: bool, where: str, ckpt_root: Path, store,
                 local_only: list[tuple[str, str]] = (), saving: str = "",
                 streamed: str = "", logs_mirror: str = "",
-                skipped_steps: int = 0, goodput: str = "") -> tuple[dict, str]:
+                skipped_steps: int = 0, goodput: str = "",
+                rollbacks: list[str] = ()) -> tuple[dict, str]:
     """The end-of-run summary both loops return, and the table they print."""
     output_dir = Path(config.effective_output_dir)
     summary = {
@@ -111,7 +112,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         "tokens_per_s": (state.tokens_seen - start_tokens) / max(elapsed, 1e-9),
         "checkpoints": [p.name for p in saved], "uploads_complete": uploads_done,
         "stopped_early": stopped_early, "local_only": [name for name, _ in local_only],
-        "skipped_steps": skipped_steps, "goodput": goodput,
+        "skipped_steps": skipped_steps, "goodput": goodput, "rollbacks": list(rollbacks),
     }
     table = summary_table([
         ("run", f"{config.run_name} (run id {state.run_id}; {config.model}, {where})"),
@@ -123,6 +124,7 @@ def run_summary(*, config, state, start_step: int, start_tokens: int, elapsed: f
         ("final loss", f"{last_loss:.4f}"),
         *([("skipped updates", f"{skipped_steps} (non-finite loss or gradient norm; "
                                f"see skipped_steps in metrics.jsonl)")] if skipped_steps else []),
+        *[("rollback", line) for line in rollbacks],
         ("eval reward" if config.stage == "grpo" else "eval loss", f"{eval_loss:.4f}"),
         ("checkpoints", f"{len(saved)} in {ckpt_root}"),
         *([("saving", saving)] if saving else []),

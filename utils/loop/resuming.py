@@ -51,14 +51,14 @@ def resolve_resume(config: TrainingConfig, engine: Processes, local_root: Path,
     if error:
         raise TrainingError(error)
     if name and engine.is_main_process:
-        _make_head(local_root / name, store, prefix)
+        make_head(local_root / name, store, prefix)
     if name and engine.is_local_main_process and not engine.is_main_process:
         checkpoint.fetch(name, local_root, store, prefix)
     engine.wait_for_everyone()
     return local_root / name if name else None
 
 
-def _make_head(ckpt_dir: Path, store, prefix: str) -> None:
+def make_head(ckpt_dir: Path, store, prefix: str) -> None:
     """The resumed checkpoint becomes the run's head: an older one forks the line there, so
     ``--resume latest`` follows what this run trains next, not the abandoned higher steps."""
     head = checkpoint.lineage.head_of(ckpt_dir, start_line=True)

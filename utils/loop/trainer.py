@@ -33,6 +33,7 @@ from utils.loop.goodput import Goodput
 from utils.loop.metrics import ThroughputMeter, flops_per_token, run_summary
 from utils.loop.optional_callbacks import configured_callbacks
 from utils.loop.resuming import continue_from, open_checkpoint_store, resolve_resume
+from utils.loop.rollback import Rollback, roll_back
 from utils.loop.run_claim import claim_run, prepare_output_dir
 from utils.loop.saving import Saver, preemption_report
 from utils.loop.schedule import lr_factor
@@ -65,15 +66,18 @@ def check_loss(mean_loss: float, step: int, ckpt_root: Path) -> None:
             f"{ckpt_root}")
 
 
-def check_skips(run: int, step: int, limit: int, ckpt_root: Path) -> None:
-    """More than ``--max-skipped-steps`` updates in a row skipped (a non-finite loss or
-    gradient norm each time): the run is not recovering by itself, so it stops, unsaved."""
-    if run > limit:
-        raise TrainingError(
-            f"{run} updates in a row up to step {step} had a non-finite loss or gradient norm "
-            f"and were skipped (--max-skipped-steps {limit}): stopping without saving (lower "
-            f"--learning-rate, or check the data around these steps); the last complete "
-            f"checkpoint is still in {ckpt_root}")
+def skips_problem(run: int, step: int, limit: int, ckpt_root: Path,
+                  rollbacks: list[Rollback]) -> TrainingError:
+    """The stop once rolling back is no longer allowed (``--max-rollbacks``): which steps,
+    which rollbacks came before."""
+    before = "; ".join(f"step {r.from_step} -> {r.to_step}, {r.windows_skipped} windows skipped"
+                       for r in rollbacks)
+    return TrainingError(
+        f"{run} updates in a row up to step {step} had a non-finite loss or gradient norm "
+        f"and were skipped (--max-skipped-steps {limit}), after {len(rollbacks)} rollback(s)"
+        f"{f' ({before})' if before else ''}: stopping without saving (lower --learning-rate, "
+        f"or check the data around these steps; --max-rollbacks allows more); the last "
+        f"complete checkpoint is still in {ckpt_root}")
 
 
 class Trainer:
@@ -126,7 +130,7 @@ class Trainer:
         # and the logs' copy in the bucket belong to the global main process.
         self.latest: dict = {}  # the last logged value of each metric (the summary's)
         self.stopped_early = False
-        trackers = Trackers(self)
+        trackers = self.trackers = Trackers(self)
         self.metrics_file = self.log_mirror = None
         if self.main:
             self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", self.state.step)
@@ -155,6 +159,8 @@ class Trainer:
         self.exit_by = math.inf  # after a signal: when the preemption budget runs out
         # Updates skipped for a non-finite loss or gradient norm: logged intervals', this one's.
         self.skipped_total = self.interval_skipped = 0
+        self.rollbacks: list[Rollback] = []
+        self.rolled_back_steps = 0  # steps trained and then discarded by rollbacks
         self.saved: list[Path] = []
 
     # ------------------------------------------------------------------ set-up
@@ -277,6 +283,8 @@ class Trainer:
         save_now = save_now or on_time
         if log_now or save_now or stop_now:
             means, grad_norm = self._read_interval()
+            if means is None:  # rolled back: nothing of the discarded steps is logged or saved
+                log_now, save_now = False, False
         if log_now:
             self._log(means, grad_norm)
         if save_now or stop_now:
@@ -323,12 +331,38 @@ class Trainer:
         agreed = previous() if previous is not None else [0.0, 0.0, 0.0]
         return agreed[0] > 0, agreed[1] > 0, agreed[2] > 0
 
-    def _read_interval(self) -> tuple[dict[str, float], float]:
+    def _roll_back(self, run: int, skipped: int) -> None:
+        """Back to the newest checkpoint of the line, the data position kept (see
+        ``utils.loop.rollback``); the interval starts afresh, the event is recorded."""
+        self.saver.wait()  # the checkpoint being written may be the one to go back to,
+        self.publisher.wait_marked()  # once it counts (its marker written)
+        config = self.config
+        per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                    * self.engine.num_processes)
+        event = roll_back(self.engine, self.state, self.ckpt_root, self.store,
+                          f"checkpoints/{config.run_name}", run, per_step)
+        self.rollbacks.append(event)
+        self.rolled_back_steps += event.from_step - event.to_step
+        self.say(event.line())
+        self.engine.reset_interval()
+        self.skipped_total += skipped
+        self.interval_steps = self.interval_skipped = 0
+        self.meter.reset()
+        if self.main:
+            self.metrics_file.writer.write(event.record())
+            self.trackers.log(self, {"step": event.to_step, "rollbacks": len(self.rollbacks)})
+
+    def _read_interval(self) -> tuple[dict[str, float] | None, float]:
         """The interval's means over the updates that were applied, checked: a run of skipped
         updates over the limit, or a non-finite loss among the applied ones, stops the run."""
         sums, grad_norm = self.engine.read_interval()
         skipped, run = int(sums.pop("skipped_steps", 0)), int(sums.pop("skip_run", 0))
-        check_skips(run, self.state.step, self.config.max_skipped_steps, self.ckpt_root)
+        if run > self.config.max_skipped_steps:
+            if len(self.rollbacks) >= self.config.max_rollbacks:
+                raise skips_problem(run, self.state.step, self.config.max_skipped_steps,
+                                    self.ckpt_root, self.rollbacks)
+            self._roll_back(run, skipped)
+            return None, grad_norm
         kept = self.interval_steps - skipped / self.task.passes
         means = {key: value / kept if kept > 0 else math.nan for key, value in sums.items()}
         if kept > 0:
@@ -395,7 +429,8 @@ class Trainer:
             local_only=self.publisher.local_only, saving=self.saver.totals(),
             streamed=self.task.feed.summary() if self.task.feed is not None else "",
             logs_mirror=self.log_mirror.copied_to if self.log_mirror is not None else "",
-            skipped_steps=self.skipped_total + self.interval_skipped, goodput=self.goodput.line)
+            skipped_steps=self.skipped_total + self.interval_skipped, goodput=self.goodput.line,
+            rollbacks=[r.line() for r in self.rollbacks])
         self.say(table)
         return summary
 

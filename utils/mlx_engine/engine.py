@@ -314,6 +314,9 @@ class MlxEngine(MlxProcesses):
             state, config_dict, root))
 
     def load(self, ckpt_dir: Path) -> TrainState:
+        """The checkpoint's weights and optimizer state; a run of skipped updates ends here
+        (a rollback's new start)."""
+        self._run = 0
         self.params, saved = checkpoint_io.load_checkpoint(
             self.model, self.optimizer, ckpt_dir, self.built.read_weights)
         return saved

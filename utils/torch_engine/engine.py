@@ -301,6 +301,9 @@ class TorchEngine:
                                            self.staging)
 
     def load(self, ckpt_dir: Path) -> TrainState:
+        """The checkpoint's weights, optimizer, schedule and RNG; a run of skipped updates
+        ends here (a rollback's new start)."""
+        self._run = torch.zeros((), dtype=torch.int64, device=self.device)
         return checkpoint_io.load_checkpoint(self.accelerator, self.model, self.optimizer,
                                              self.scheduler, ckpt_dir)
 
