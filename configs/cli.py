@@ -132,6 +132,7 @@ RANGES: dict[str, Range] = {
     "logging_steps": count(1),
     "eval_steps": count(1),
     "eval_windows": count(0),
+    "eval_task_examples": count(0, "0 = all"),
     "save_steps": count(1),
     "save_interval_minutes": Range(0, WEEK_MINUTES, note="0 = off; at most a week"),
     "save_total_limit": count(0, "0 = all"),

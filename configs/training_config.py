@@ -222,6 +222,12 @@ class TrainingConfig:
         100, "evaluate on the held-out data every this many optimizer steps, and at the last")
     eval_windows: int = LOGGING(
         64, "held-out windows for evaluation (LoRA stages: examples, at most a tenth of them)")
+    eval_tasks: str = LOGGING(
+        "", "downstream tasks scored on eval steps (and before the first): shipped names "
+            "(data/eval_tasks/NAME.jsonl) or .jsonl paths, comma-separated; logged as "
+            "eval/TASK/acc, acc_norm or ppl; empty = none")
+    eval_task_examples: int = LOGGING(
+        100, "--eval-tasks: the first this many examples of each task (0 = all)")
     save_steps: int = CHECKPOINTS(
         100, "save a checkpoint every this many optimizer steps, and at the last")
     save_interval_minutes: float = CHECKPOINTS(

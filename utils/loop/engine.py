@@ -117,3 +117,9 @@ class Engine(Processes, Protocol):
     def finish(self) -> None:
         """After the last stage of the run (torch: ends the process group)."""
         ...
+
+    def score(self, batch: dict[str, Any]) -> list[tuple[float, bool, int]]:
+        """Downstream task rows (``utils.stages.downstream.pad_requests``), no gradient, inside
+        ``evaluating()``: per row (summed log-prob of its continuation, whether every
+        continuation token is the greedy argmax, continuation tokens)."""
+        ...

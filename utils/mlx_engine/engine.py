@@ -39,6 +39,7 @@ from utils.mlx_engine import checkpoint_io, lora, losses
 from utils.mlx_engine.dist import MlxProcesses
 from utils.mlx_engine.losses import rollout_logps, to_mx
 from utils.mlx_engine.model import build_model, build_optimizer, load_full_weights, save_pretrained
+from utils.mlx_engine.scoring import score_batch
 from utils.stages.step import eval_value, stage_loss, train_passes
 from utils.stages.task import Batch, Task
 
@@ -329,3 +330,10 @@ class MlxEngine(MlxProcesses):
 
     def finish(self) -> None:
         return None
+
+    # ------------------------------------------------------------------ downstream tasks
+
+    def score(self, batch: dict[str, np.ndarray]) -> list[tuple[float, bool, int]]:
+        """Log-likelihood rows of downstream tasks (``utils.stages.downstream``), inside
+        ``evaluating()`` (the current weights, cast); this process's rows only."""
+        return score_batch(self.model, batch)

@@ -43,6 +43,7 @@ from utils.torch_engine.model import (
     memory_gib,
 )
 from utils.torch_engine.optim import build_adamw
+from utils.torch_engine.scoring import score_batch, scoring_model
 
 
 def _cpu_processes() -> bool:
@@ -315,3 +316,11 @@ class TorchEngine:
 
     def finish(self) -> None:
         self.accelerator.end_training()
+
+    # ------------------------------------------------------------------ downstream tasks
+
+    def score(self, batch: dict[str, np.ndarray]) -> list[tuple[float, bool, int]]:
+        """Log-likelihood rows of downstream tasks (``utils.stages.downstream``), inside
+        ``evaluating()``; this process's rows only."""
+        return score_batch(scoring_model(self.model, self.accelerator.distributed_type), batch,
+                           self.device)
