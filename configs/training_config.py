@@ -180,6 +180,10 @@ class TrainingConfig:
         10, "updates whose loss or gradient norm is not finite are skipped on the device (no "
             "weight, moment or step count changes, counted as skipped_steps); more than this "
             "many in a row roll the run back (--max-rollbacks), then stop it, unsaved")
+    spike_zscore: float = OPTIM(
+        6.0, "a logged loss or gradient norm this many standard deviations above its last 20 "
+             "logged values is reported as a spike (a line, metrics.jsonl, TensorBoard); 0 = "
+             "off")
     max_rollbacks: int = OPTIM(
         2, "in-process rollbacks to the newest checkpoint of the run's line, the windows read "
            "since skipped, when updates keep failing (--max-skipped-steps); 0 = stop instead")

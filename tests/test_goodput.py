@@ -22,13 +22,13 @@ from utils.loop.goodput import CATEGORIES, read_sessions, report, totals
 from utils.loop.trainer import Trainer
 
 
-def _adds_up(session: dict) -> None:
-    """The categories are the session's wall time, and they explain it (little is left over
-    in ``other``)."""
+def _adds_up(session: dict, explained: bool = True) -> None:
+    """The categories are the session's wall time, and (a real run's, not milliseconds of a
+    fake one) they explain it: little is left over in ``other``."""
     seconds = session["seconds"]
     assert set(seconds) <= set(CATEGORIES)
     assert sum(seconds.values()) == pytest.approx(session["wall_s"], rel=0.01)
-    assert seconds["other"] < 0.25 * session["wall_s"], seconds
+    assert not explained or seconds["other"] < 0.1 * session["wall_s"], seconds
 
 
 def test_each_session_adds_up_and_a_resume_counts_the_redone_steps(sample_data, tmp_path):
@@ -48,7 +48,7 @@ def test_each_session_adds_up_and_a_resume_counts_the_redone_steps(sample_data, 
     assert (first["start_step"], first["step"]) == (0, crash_at)
     assert (second["start_step"], second["step"], second["redone_steps"]) == (4, 10, 2)
     for session in (first, second):
-        _adds_up(session)
+        _adds_up(session, explained=False)
     assert "over 2 sessions" in summary["goodput"] and "2 step(s) trained twice" in \
         summary["goodput"]
     assert 0 < metrics(tmp_path)[-1]["goodput/productive"] <= 1  # what the trackers get

@@ -249,3 +249,16 @@ def test_a_bad_callbacks_flag_is_one_line_before_any_work(sample_data, tmp_path,
         Trainer(config, FakeEngine())
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_loss_spike_is_an_event_and_a_smooth_run_has_none(sample_data, tmp_path):
+    def spiky(step: int) -> float:
+        return 50.0 if step == 14 else 10.0 / (step + 1)
+
+    summary = Trainer(fake_config(sample_data, tmp_path / "smooth", max_steps=30),
+                      FakeEngine()).run()
+    assert metrics(tmp_path / "smooth", "spike") == [] and summary["steps"] == 30
+    Trainer(fake_config(sample_data, tmp_path / "spiky", max_steps=30), FakeEngine(spiky)).run()
+    (event,) = metrics(tmp_path / "spiky", "spike")
+    assert (event["step"], event["metric"], event["value"]) == (15, "loss", 50.0)
+    assert event["zscore"] > 6

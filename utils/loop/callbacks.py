@@ -115,6 +115,51 @@ def evaluate(engine: Engine, task: Task, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
+class SpikeWatch(Callback):
+    """A logged loss or gradient norm far above its recent values is an event: one line, a
+    ``"event": "spike"`` record in metrics.jsonl and a ``spikes`` count in TensorBoard.
+
+    The z-score is taken against the last ``window`` logged values of the same metric (at
+    least ``MIN_HISTORY`` of them), on log steps only: the loop reads these numbers there
+    anyway, so watching costs no host sync. It only reports: a spike that makes updates
+    non-finite is handled by the step guard and rollback."""
+
+    MIN_HISTORY = 8
+
+    def __init__(self, zscore: float, window: int = 20) -> None:
+        self.zscore, self.window = zscore, window
+        self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
+        self.count = 0
+
+    def log_metrics(self, trainer: Trainer, record: dict) -> None:
+        for key, past in self.history.items():
+            value = record.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            if len(past) >= self.MIN_HISTORY:
+                z = zscore(value, past)
+                if z > self.zscore:
+                    self._report(trainer, record["step"], key, value, z)
+            past[:] = [*past, value][-self.window:]
+
+    def _report(self, trainer: Trainer, step: int, key: str, value: float, z: float) -> None:
+        self.count += 1
+        trainer.say(f"{key} spike at step {step}: {value:.4g}, {z:.1f} standard deviations "
+                    f"above its last {self.window} logged values (--spike-zscore "
+                    f"{self.zscore:g})")
+        if trainer.main:
+            trainer.metrics_file.writer.write({"event": "spike", "step": step, "metric": key,
+                                               "value": value, "zscore": z})
+            trainer.trackers.log(trainer, {"step": step, "spikes": self.count})
+
+
+def zscore(value: float, past: list[float]) -> float:
+    """How many standard deviations ``value`` lies above the mean of ``past``."""
+    mean = sum(past) / len(past)
+    std = math.sqrt(sum((x - mean) ** 2 for x in past) / len(past))
+    return (value - mean) / std if std > 0 else (math.inf if value > mean else 0.0)
+
+
 class ProgressBar(Callback):
     """tqdm over the steps on the main process: loss, tokens/s and ETA at each log step."""
 

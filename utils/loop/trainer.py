@@ -18,11 +18,13 @@ from utils.checkpoint import TrainState, find_complete, lineage, step_of
 from utils.checkpoint.publisher import CheckpointPublisher
 from utils.errors import TrainingError
 from utils.loop.callbacks import (
+    Callback,
     CallbackList,
     Evaluation,
     LogMirror,
     MetricsFile,
     ProgressBar,
+    SpikeWatch,
     Trackers,
     load_callbacks,
 )
@@ -125,34 +127,11 @@ class Trainer:
         self.stop_watch = None if self.task.feed is None else StopWatch(
             lambda: self.preemption.requested, [s.root for s in self.task.feed.sources])
 
-        # What hangs off the loop, in the order each event reaches it: evaluation first (it
-        # adds to a log step's record), the user's callbacks, then the writers. Files, trackers
-        # and the logs' copy in the bucket belong to the global main process.
         self.latest: dict = {}  # the last logged value of each metric (the summary's)
         self.stopped_early = False
-        trackers = self.trackers = Trackers(self)
-        self.metrics_file = self.log_mirror = None
-        if self.main:
-            self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", self.state.step)
-            self.log_mirror = LogMirror(self, trackers.flush)
-        self.goodput = Goodput(self)
-        self.callbacks = CallbackList([
-            self.goodput, Evaluation(), *configured_callbacks(self), *own_callbacks, ProgressBar(),
-            *[c for c in (self.metrics_file, trackers, self.log_mirror) if c is not None]])
+        self.callbacks = self._callbacks(own_callbacks)
         self._closed = False
-        self.publisher = CheckpointPublisher(
-            self.store if self.main else None, f"checkpoints/{config.run_name}",
-            background=config.background_upload and self.main,
-            keep_local=config.save_total_limit, remote_keep=config.remote_keep,
-            keep_every=config.keep_every_steps,
-            exit_timeout_s=config.upload_timeout_s, log=self.say)
-        if self.claim is not None:  # another run taking the name over stops uploads at once
-            self.publisher.ownership_lost = lambda: self.claim.lost
-        if self.main:
-            self.publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
-        self.saver = Saver(engine, self.publisher, self.ckpt_root,
-                           tokenizer_dir(self.task.meta, Path(config.data_dir)),
-                           self.metrics_file.writer if self.metrics_file else None, self.say)
+        self.publisher, self.saver = self._checkpointing()
         self.last_save = time.monotonic()
         self.interval_steps = 0
         self.pending_votes: Callable[[], list[float]] | None = None
@@ -164,6 +143,40 @@ class Trainer:
         self.saved: list[Path] = []
 
     # ------------------------------------------------------------------ set-up
+
+    def _callbacks(self, own: list[Callback]) -> CallbackList:
+        """What hangs off the loop, in the order each event reaches it: the goodput account
+        first (it times everything after), evaluation (it adds to a log step's record), the
+        user's callbacks, then the writers. Files, trackers and the logs' copy in the bucket
+        belong to the global main process."""
+        trackers = self.trackers = Trackers(self)
+        self.metrics_file = self.log_mirror = None
+        if self.main:
+            self.metrics_file = MetricsFile(self.output_dir / "metrics.jsonl", self.state.step)
+            self.log_mirror = LogMirror(self, trackers.flush)
+        self.goodput = Goodput(self)
+        return CallbackList([
+            self.goodput, Evaluation(), *configured_callbacks(self), *own,
+            *([SpikeWatch(self.config.spike_zscore)] if self.config.spike_zscore else []),
+            ProgressBar(),
+            *[c for c in (self.metrics_file, trackers, self.log_mirror) if c is not None]])
+
+    def _checkpointing(self) -> tuple[CheckpointPublisher, Saver]:
+        """The background publisher (marks, uploads, prunes; main process) and the saver."""
+        publisher = CheckpointPublisher(
+            self.store if self.main else None, f"checkpoints/{self.config.run_name}",
+            background=self.config.background_upload and self.main,
+            keep_local=self.config.save_total_limit, remote_keep=self.config.remote_keep,
+            keep_every=self.config.keep_every_steps,
+            exit_timeout_s=self.config.upload_timeout_s, log=self.say)
+        if self.claim is not None:  # another run taking the name over stops uploads at once
+            publisher.ownership_lost = lambda: self.claim.lost
+        if self.main:
+            publisher.catch_up(self.ckpt_root)  # a kill may have cut the last upload short
+        saver = Saver(self.engine, publisher, self.ckpt_root,
+                      tokenizer_dir(self.task.meta, Path(self.config.data_dir)),
+                      self.metrics_file.writer if self.metrics_file else None, self.say)
+        return publisher, saver
 
     def _resume(self) -> TrainState:
         config, engine, task = self.config, self.engine, self.task
