@@ -9,7 +9,7 @@ rendered.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, TypeVar
 
 from utils.errors import ConfigError
@@ -71,6 +71,37 @@ CHECKPOINTS = Section("checkpoints and uploads")
 LOGGING = Section("logging, evaluation and tracking")
 STAGES = Section("fine-tuning stages: LoRA SFT, DPO and GRPO")
 SECTIONS = (RUN, MODEL, DATA, BUCKET, OPTIM, CHECKPOINTS, LOGGING, STAGES)  # --help's order
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """What opens the run's bucket: all that the storage layer is handed
+    (``utils.storage.open_bucket``), so it never sees the rest of a run's settings."""
+
+    bucket: str
+    credentials: str
+    billing_project: str
+    upload_streams: int
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What the checkpoint publisher keeps (locally and in the bucket), uploads in the
+    background, and how long an exit waits for it (``CheckpointPublisher.for_run``)."""
+
+    background_upload: bool
+    save_total_limit: int
+    remote_keep: int
+    keep_every_steps: int
+    upload_timeout_s: float
+
+
+S = TypeVar("S")
+
+
+def settings_of(config: TrainingConfig, kind: type[S]) -> S:
+    """The section ``kind`` (a dataclass named after the config's fields) of ``config``."""
+    return kind(**{f.name: getattr(config, f.name) for f in fields(kind)})
 
 
 @dataclass
@@ -273,6 +304,14 @@ class TrainingConfig:
         """The config as checkpoints and TensorBoard record it: never a credentials value
         (a pasted key would otherwise be written into every checkpoint and event file)."""
         return {**asdict(self), "credentials": "(set)" if self.credentials else ""}
+
+    @property
+    def bucket_settings(self) -> BucketSettings:
+        return settings_of(self, BucketSettings)
+
+    @property
+    def retention(self) -> RetentionSettings:
+        return settings_of(self, RetentionSettings)
 
     @property
     def lora_targets(self) -> list[str]:

@@ -125,3 +125,20 @@ def test_flops_per_token_and_peak_table():
     assert flops_per_token(1000, 2, 8, 16, output_embedding_params=24) == 6 * 1024 + 12 * 2 * 8 * 16
     peaks = dict(GPU_PEAK_BF16)
     assert peaks["H100"] == 989e12 and peaks["A100"] == 312e12
+
+
+def test_components_get_their_section_of_the_settings():
+    """Storage is handed the bucket section, the publisher the retention section: typed views
+    of the flat config (flags and recorded checkpoints unchanged)."""
+    from dataclasses import fields
+
+    from configs.training_config import BucketSettings, RetentionSettings, preset
+
+    config = preset("smoke", bucket="gs://b/p", credentials="k.json", billing_project="bp",
+                    upload_streams=4, save_total_limit=3, remote_keep=2, keep_every_steps=50,
+                    background_upload=False, upload_timeout_s=9.0)
+    assert config.bucket_settings == BucketSettings("gs://b/p", "k.json", "bp", 4)
+    assert config.retention == RetentionSettings(False, 3, 2, 50, 9.0)
+    names = {f.name for f in fields(type(config))}
+    for section in (BucketSettings, RetentionSettings):  # every section field is a flag
+        assert {f.name for f in fields(section)} <= names

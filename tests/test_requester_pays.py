@@ -197,7 +197,7 @@ def test_environment_and_config_name_the_billing_project(
     open_store(bucket, billing_project="from-flag").list()  # the flag wins over the variable
     config, _ = parse_args(["--config", "smoke", "--bucket", bucket,
                             "--billing-project", "from-config"])
-    open_bucket(config).child("x").list()
+    open_bucket(config.bucket_settings).child("x").list()
     assert [p for _, p in proxy.billed()][1:] == ["from-env", "from-flag", "from-config"]
     local = open_store(str(tmp_path), billing_project="ignored")  # local stores ignore it
     assert isinstance(local, LocalStore) and local.list() == []

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from configs.training_config import RetentionSettings
 from utils import checkpoint
 from utils.checkpoint import lineage
 from utils.errors import StorageError, first_line
@@ -101,6 +102,17 @@ class CheckpointPublisher:
                 self._threads.append(thread)
         # An exception out of the training loop still waits (bounded) for earlier uploads.
         atexit.register(self._at_exit)
+
+    @classmethod
+    def for_run(cls, store: Store | None, remote_prefix: str, retention: RetentionSettings,
+                main: bool, log: Callable[[str], None]) -> CheckpointPublisher:
+        """The loop's publisher, from the run's retention settings; only the main process
+        uploads (elsewhere ``store`` is None and nothing runs in the background)."""
+        return cls(store if main else None, remote_prefix,
+                   background=retention.background_upload and main,
+                   keep_local=retention.save_total_limit, remote_keep=retention.remote_keep,
+                   keep_every=retention.keep_every_steps,
+                   exit_timeout_s=retention.upload_timeout_s, log=log)
 
     # --------------------------------------------------------------- trainer side
     def submit(self, ckpt_dir: Path) -> None:

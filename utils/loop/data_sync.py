@@ -27,7 +27,8 @@ def sync_training_data(config: TrainingConfig, processes: Processes) -> None:
     if processes.is_local_main_process:
         from utils.storage import sync_down
 
-        store = open_bucket(config).child(config.data_prefix)  # credentials, billing project
+        # the bucket section: credentials, billing project, streams
+        store = open_bucket(config.bucket_settings).child(config.data_prefix)
         for folder in source_weights(config.data_mix):
             result = sync_down(store.child(folder) if folder else store,
                                Path(config.data_dir) / folder,

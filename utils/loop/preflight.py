@@ -65,7 +65,7 @@ def _check_bucket(ctx: dict) -> str:
     config = ctx["config"]
     if not config.bucket:
         raise Skip("no bucket configured: checkpoints stay local")
-    store = open_bucket(config)
+    store = open_bucket(config.bucket_settings)
     store.check_access(write=True)
     ctx["store"] = store
     return f"{store.url} is readable and writable"
@@ -176,7 +176,7 @@ def _check_checkpoint(ctx: dict) -> str:
         ctx["size"] = sum(f.stat().st_size for f in path.iterdir())
         ctx["upload_s"] = _timed_upload(ctx.get("store"), path)
         if ctx.get("store") is not None and ctx["config"].upload_streams > 1:
-            single = open_bucket(replace(ctx["config"], upload_streams=1))
+            single = open_bucket(replace(ctx["config"].bucket_settings, upload_streams=1))
             ctx["single_upload_s"] = _timed_upload(single, path)
         engine.train_step([_batch(ctx)], 1)
         moved = _eval_loss(ctx)

@@ -22,7 +22,7 @@ def open_checkpoint_store(config: TrainingConfig, processes: Processes):
     """The bucket for checkpoints, checked for write access now rather than after hours."""
     if not config.bucket:
         return None
-    store = open_bucket(config)
+    store = open_bucket(config.bucket_settings)
     if processes.is_main_process:
         store.check_access(write=True)  # also creates the embedded local bucket directory
     return store

@@ -163,12 +163,8 @@ class Trainer:
 
     def _checkpointing(self) -> tuple[CheckpointPublisher, Saver]:
         """The background publisher (marks, uploads, prunes; main process) and the saver."""
-        publisher = CheckpointPublisher(
-            self.store if self.main else None, f"checkpoints/{self.config.run_name}",
-            background=self.config.background_upload and self.main,
-            keep_local=self.config.save_total_limit, remote_keep=self.config.remote_keep,
-            keep_every=self.config.keep_every_steps,
-            exit_timeout_s=self.config.upload_timeout_s, log=self.say)
+        publisher = CheckpointPublisher.for_run(self.store, f"checkpoints/{self.config.run_name}",
+                                                self.config.retention, self.main, self.say)
         if self.claim is not None:  # another run taking the name over stops uploads at once
             publisher.ownership_lost = lambda: self.claim.lost
         if self.main:

@@ -39,7 +39,7 @@ def resolve_base(config: TrainingConfig, processes: Processes = ONE_PROCESS) -> 
     if config.bucket:
         from utils.storage import open_bucket
 
-        store = open_bucket(config)
+        store = open_bucket(config.bucket_settings)
     with local_main_first(processes):  # one download per node
         found = checkpoint.choose_resume(name, root, store, f"checkpoints/{config.init_run}")
     if found is None:

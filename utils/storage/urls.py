@@ -15,10 +15,8 @@ from utils.storage.slices import DEFAULT_STREAMS
 
 
 class BucketSettings(Protocol):
-    """The fields of a config that say how to open its bucket (TrainingConfig has them).
-
-    A protocol rather than the config class: storage sits below configs and imports none.
-    """
+    """What opens a bucket: ``configs.training_config.BucketSettings``, the section of a run's
+    settings the storage layer is handed (a protocol, so storage imports no config)."""
 
     bucket: str
     credentials: str

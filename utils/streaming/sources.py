@@ -99,7 +99,8 @@ def open_source(config: TrainingConfig, folder: str, n_eval: int,
     """A source's shard table (from the main process's listing; each machine's main process
     reads the headers first, the others then find them cached) and its windows; nothing is
     downloaded yet."""
-    data = open_bucket(config, retry_deadline_s=ATTEMPT_DEADLINE_S).child(config.data_prefix)
+    data = open_bucket(config.bucket_settings,
+                       retry_deadline_s=ATTEMPT_DEADLINE_S).child(config.data_prefix)
     store = data.child(folder) if folder else data
     root = Path(config.data_dir) / folder
     objects = shared_listing(store, processes)
