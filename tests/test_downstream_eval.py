@@ -243,8 +243,9 @@ def test_lm_eval_recipe_agrees_per_example(tiny_base, tmp_path):
         samples = sorted((json.loads(line) for path in (tmp_path / "lm_eval").rglob(
             f"samples_{lm_name}_*.jsonl") for line in path.read_text().splitlines()),
             key=lambda s: s["doc_id"])
-        assert len(samples) == 30
         got = ours["examples"][name]
+        assert len(samples) == len(got) == min(30, len(load_task(TASKS / f"{name}.jsonl")
+                                                   .examples))
         lls = [[float(r[0][0]) for r in s["resps"]] for s in samples]
         np.testing.assert_allclose(lls, [g["lls"] for g in got], rtol=1e-5, atol=1e-5)
         if name == "python-cloze":
