@@ -230,6 +230,9 @@ def _nbytes(value) -> int:
 
 
 def _opname(target) -> str:
+    """aten.mm.default -> "mm"; metadata queries (prim.device, ...) count as "getitem": free."""
+    if getattr(target, "namespace", "") == "prim":
+        return "getitem"
     return getattr(target, "_opname", getattr(target, "__name__", str(target)))
 
 
@@ -308,11 +311,11 @@ def _group_cost(members, source, root) -> tuple[int, int, int]:
         if any(source(u) is None or source(u) not in inside for u in _consumers(n)):
             writes[n] = n.meta.get("val")
     touched = [t for v in list(reads.values()) + list(writes.values()) for t in _tensors(v)]
-    big = sum(1 for t in touched if t.numel() >= _CHUNK_NUMEL[0])
+    big = sum(1 for t in touched if t.numel() == _CHUNK_NUMEL[0])
     return 0, _nbytes(list(reads.values())) + _nbytes(list(writes.values())), big
 
 
-_CHUNK_NUMEL = [1 << 62]  # what counts as a pass over the loss's logits (set per run)
+_CHUNK_NUMEL = [-1]  # a loss chunk's logits: a tensor this size is a pass (set per run)
 
 
 def _consumers(n) -> list:
@@ -392,7 +395,8 @@ class Recorder:
             self.attention[kind] = self.attention.get(kind, 0) + 1
         self.flops += _flops(func, args, kwargs, out)
         if self.region is None:
-            big = sum(1 for t in cuda_in + outs if t.numel() >= _CHUNK_NUMEL[0])
+            big = 0 if name in MATMULS else sum(1 for t in cuda_in + outs
+                                                if t.numel() == _CHUNK_NUMEL[0])
             cost = (_flops(func, args, kwargs, out), _eager_bytes(func, args, kwargs, out), big)
             if cost[1] or cost[0]:
                 self.kernels.setdefault(self.phase, []).append(cost)
@@ -640,6 +644,9 @@ def _failures(r: dict, attention_calls: int) -> list[str]:
         failures.append(f"{r['graph_breaks']} graph breaks")
     if r["compiled_graphs"].get("layers", 0) != 1:
         failures.append(f"layer graphs compiled: {r['compiled_graphs']} (one for all expected)")
+    held = [s for s in r["saved_per_layer"] if "a view holding" in s]
+    if held:
+        failures.append(f"saved for backward as views of larger buffers: {held}")
     if r["loss_passes_per_chunk"] > 2:
         failures.append(f"{r['loss_passes_per_chunk']:.1f} passes over each loss chunk's "
                         f"logits (at most 2: read the logits, write the gradient)")
@@ -693,6 +700,8 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16, help="sequences per step")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--no-check", action="store_true", help="report, do not assert")
+    parser.add_argument("--eager-loss", action="store_true",
+                        help="the chunked loss unfused (its CPU path), for comparison")
     args = parser.parse_args()
     try:
         load_guard(build_guard())
@@ -700,6 +709,10 @@ def main() -> None:
         print(f"sim_gpu: cannot simulate CUDA here: {err}", file=sys.stderr)
         sys.exit(3)
     sys.path.insert(0, str(REPO))
+    if args.eager_loss:
+        from utils.torch_engine import chunked_ce
+
+        chunked_ce.FUSED_DEVICES = ()
     sizes = [int(s) for s in args.micro_batches.split(",")]
     results = simulate(args.preset, sizes, args.sequences, layers=args.layers,
                        seq=args.seq)

@@ -64,6 +64,23 @@ def test_attention_is_causal_without_a_mask_eager_and_compiled(monkeypatch):
     assert all(masked for masked, _ in _compiled_calls(stock, ids))
 
 
+def test_value_is_not_a_view_of_the_fused_qkv_output(monkeypatch):
+    """transformers slices v out of the QKV projection; saved for backward as that view it
+    would keep all of QKV alive. SDPA gets a value that owns its storage."""
+    ours, _ = _models()
+    held: list[tuple[int, int]] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        held.append((value.untyped_storage().nbytes(), value.numel() * value.element_size()))
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ours(input_ids=torch.randint(0, 256, (2, 32)), use_cache=False)
+    assert len(held) == ours.config.num_hidden_layers
+    assert all(storage == size for storage, size in held)
+
+
 def test_causal_attention_matches_the_default_path_in_values_and_gradients():
     ours, stock = _models()
     ids = torch.randint(0, 256, (3, 48))

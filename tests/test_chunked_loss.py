@@ -73,6 +73,38 @@ def test_loss_and_gradients_equal_the_reference_in_fp32(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [7, 16, 45, 1000])
+def test_the_fused_path_equals_the_reference(monkeypatch, chunk):
+    """The compiled per-chunk softmax gradient (CUDA's path), traced by dynamo and AOTAutograd
+    here on the CPU (aot_eager: the graph inductor would fuse, run op by op)."""
+    monkeypatch.setattr(chunked_ce, "LOSS_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    hidden, weight, targets = _problem()
+    got = _loss_and_grads(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk, fused=True),
+                          hidden, weight, targets)
+    want = _loss_and_grads(_reference, hidden, weight, targets)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_in_place_softmax_gradients_agree():
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randn(33, 96, generator=gen) * 4
+    targets = torch.randint(0, 96, (33,), generator=gen)
+    targets[::3] = IGNORE
+    fused = chunked_ce.softmax_grad(raw, targets)
+    in_place = chunked_ce._softmax_grad_in_place(raw.clone(), targets)
+    for a, b in zip(fused, in_place, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert fused[1][::3].abs().max() == 0
+
+
+def test_the_fused_path_is_cuda_only_by_default():
+    """The CPU keeps the eager in-place path: compiling there is slow and gains nothing."""
+    assert chunked_ce.FUSED_DEVICES == ("cuda",)
+    assert not chunked_ce._fuse_by_default(torch.zeros(2, 2))
+
+
 def test_only_the_inputs_that_need_it_get_a_gradient():
     hidden, weight, targets = _problem()
     weight.requires_grad_(False)

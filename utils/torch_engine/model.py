@@ -53,6 +53,11 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     only: stages with padding keep transformers' masked attention. A query shorter than the
     keys (decoding with a cache) gets the bottom-right-aligned causal mask it needs.
     """
+    # transformers hands ``value`` over as a view of the fused QKV projection's output:
+    # saved for backward as such, it keeps all of q, k and v alive per layer (3x its size;
+    # q and k are saved separately after the rotary embedding anyway). Its own copy lets the
+    # QKV output go after forward (measured by bench/sim_gpu.py: the saved activations).
+    value = value.contiguous()  # a strided view of QKV: copied; a cache's value: as it is
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = None if q_len == kv_len else torch.ones(
         q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)

@@ -1,0 +1,101 @@
+"""bench/sim_gpu.py: the production step on fake CUDA tensors passes its checks.
+
+Two layers at sequence 512 (micro-batch 2, two micro-batches per step) instead of 24 at
+2048, so it runs in seconds on two cores; the full production figures come from the bench
+itself (``python bench/sim_gpu.py``, bench/RESULTS.md). Skipped where the fake CUDA guard
+cannot be built (no C++ compiler or ninja, not Linux).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("sim_gpu", REPO / "bench" / "sim_gpu.py")
+assert _spec and _spec.loader
+sim_gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sim_gpu)  # stdlib only at import: torch comes in the child
+
+
+def _guard() -> Path:
+    try:
+        return sim_gpu.build_guard()
+    except sim_gpu.GuardUnavailable as err:
+        pytest.skip(f"no fake CUDA device here: {err}")
+
+
+def _simulate(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    _guard()
+    out = tmp_path / "sim.json"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "sim_gpu.py"), "--layers", "2",
+                          "--seq", "512", "--micro-batches", "2", "--sequences", "4",
+                          "--json", str(out), *flags],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    return run, json.loads(out.read_text()) if out.exists() else []
+
+
+@pytest.mark.slow
+def test_the_production_step_passes_on_a_simulated_gpu(tmp_path: Path):
+    run, results = _simulate(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "checks passed" in run.stdout
+    (r,) = results
+    assert r["failures"] == [] and r["problems"] == []
+    assert set(r["matmuls"]) == {"bfloat16"}
+    # 2 layers x 2 micro-batches, flash forward each time; SDPA chose flash when compiled.
+    assert r["attention_kernels"] == {"flash": 4} and r["sdp_choices"] == ["flash"]
+    assert r["graph_breaks"] == 0 and r["compiled_graphs"] == {"layers": 1, "loss": 1}
+    assert r["loss_passes_per_chunk"] == 2  # the fused loss: read the logits, write the grad
+    assert not any("view holding" in saved for saved in r["saved_per_layer"])
+    # FLOPs counted by torch's formulas agree with the MFU formula's 6N + 12LHT within 1%.
+    assert abs(r["flops_counted_per_token"] / r["flops_formula_per_token"] - 1) < 0.01
+    assert 0 < r["resident_gib"] < r["peak_allocated_gib"]
+    for device in r["devices"].values():
+        assert 0 < device["mfu_bound"] < 1 and device["step_ms"] > 0
+    h100, h200 = r["devices"]["H100 SXM"], r["devices"]["H200"]
+    assert h200["step_ms"] < h100["step_ms"]  # same peak, more bandwidth
+
+
+@pytest.mark.slow
+def test_the_unfused_loss_fails_the_check(tmp_path: Path):
+    """The eager chunked loss (the CPU's path) makes many passes over each chunk's logits:
+    the check says so and exits 1."""
+    run, results = _simulate(tmp_path, "--eager-loss")
+    assert run.returncode == 1
+    (r,) = results
+    assert r["loss_passes_per_chunk"] > 10
+    assert any("passes over each loss chunk" in f for f in r["failures"])
+
+
+def test_sdpa_choice_follows_the_sm90_rules():
+    """Flash without a mask for bf16 and head dims up to 256; a mask, fp32, a causal
+    non-square shape or head dim 512 rule it out (torch would pick another kernel)."""
+    pytest.importorskip("torch")
+    code = """
+import torch, json, sys
+sys.path.insert(0, sys.argv[1])
+import sim_gpu
+def t(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+q = t(2, 16, 64, 128)
+out = [sim_gpu.sdp_choice(q, q, q, is_causal=True),
+       sim_gpu.sdp_choice(q, q, q, attn_mask=t(64, 64, dtype=torch.bool)),
+       sim_gpu.sdp_choice(t(2, 16, 64, 128, dtype=torch.float32),
+                          *[t(2, 16, 64, 128, dtype=torch.float32)] * 2),
+       sim_gpu.sdp_choice(t(2, 16, 8, 128), q, q, is_causal=True),
+       sim_gpu.sdp_choice(t(2, 16, 64, 512), t(2, 16, 64, 512), t(2, 16, 64, 512))]
+print(json.dumps(out))
+"""
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "bench")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == ["flash", "efficient", "efficient", "efficient",
+                                      "efficient"]
