@@ -49,7 +49,7 @@ def test_non_finite_steps_stop_with_one_line_and_no_complete_checkpoint(sample_d
     result = run_train(*TINY, "--data-dir", str(sample_data), "--output-dir", str(out),
                        "--bucket", "", "--max-steps", "20", "--logging-steps", "2",
                        "--save-steps", "4", "--learning-rate", "1e30", "--warmup-steps", "0",
-                       "--max-skipped-steps", "0", tmp_path=tmp_path)
+                       "--max-skipped-steps", "0", "--max-rollbacks", "0", tmp_path=tmp_path)
     assert result.returncode == 1
     assert "had a non-finite loss or gradient norm and were skipped" in _error_line(
         result.stderr)
