@@ -17,6 +17,35 @@ from gcs_emulator import GcsEmulator
 
 _bucket_ids = itertools.count()
 
+# Focused sets by marker (`pytest -m mlx`, `-m "emulator and not slow"`), applied from what
+# a test uses, so a new test is in the right set without remembering to mark it.
+_DISTRIBUTED_FILES = {"test_distributed.py", "test_two_machines.py", "test_slurm.py"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in [("emulator", "uses the fake-gcs-server emulator"),
+                       ("mlx", "runs the MLX engine"),
+                       ("distributed", "runs two or more real processes that train together"),
+                       ("slurm", "runs a real Slurm cluster")]:
+        config.addinivalue_line("markers", f"{name}: {what} (applied by tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it uses, then order the slow ones first: with several workers
+    the long runs start at once and the short tests fill the gaps at the end, instead of a
+    long run starting last on one worker while the other idles."""
+    for item in items:
+        file = item.path.name
+        if {"gcs_emulator", "gcs_bucket"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker("emulator")
+        if "mlx" in file or "mlx" in item.name:
+            item.add_marker("mlx")
+        if file in _DISTRIBUTED_FILES or "two_processes" in item.name or "ranks" in item.name:
+            item.add_marker("distributed")
+        if file == "test_slurm.py":
+            item.add_marker("slurm")
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
@@ -50,16 +79,16 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
-def run_train(*args: str, tmp_path: Path, timeout: float = 300, env: dict | None = None,
-              script: str = "train.py"):
-    """Run the real CLI as a subprocess (one OpenMP thread: tests share 2 cores)."""
+def run_train(*args: str, tmp_path: Path, env: dict | None = None, script: str = "train.py"):
+    """Run the real CLI as a subprocess to its end (one OpenMP thread: tests share 2 cores);
+    returns a CompletedProcess. A hang fails (helpers.STALL_S), a slow machine does not."""
     import os
-    import subprocess
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
-                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    from helpers import finish
+
+    return finish([sys.executable, script, *args], tmp_path,
+                  {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+                   "TOKENIZERS_PARALLELISM": "false", **(env or {})}, name=Path(script).stem)
 
 
 @pytest.fixture(scope="session")

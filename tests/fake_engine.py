@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,8 +44,10 @@ class FakeSnapshot:
     config_dict: dict
     weight: float
     nbytes: int = 64
+    write_s: float = 0.0  # how long the background write takes (a slow disk, a loaded host)
 
     def write(self) -> Path:
+        time.sleep(self.write_s)
         final = self.root / checkpoint_name(self.state)
         tmp = self.root / f".tmp-{final.name}"
         tmp.mkdir(parents=True)
@@ -68,8 +71,8 @@ class FakeEngine:
 
     def __init__(self, loss_at: Callable[[int], float] = lambda step: 10.0 / (step + 1),
                  on_step: Callable[[int], None] = lambda step: None,
-                 poisoned: frozenset[int] = frozenset()) -> None:
-        self.loss_at, self.on_step = loss_at, on_step
+                 poisoned: frozenset[int] = frozenset(), write_s: float = 0.0) -> None:
+        self.loss_at, self.on_step, self.write_s = loss_at, on_step, write_s
         self.poisoned = poisoned  # window indices whose steps' loss is NaN (bad data)
         self.weight = 0.0
         self.run = 0
@@ -129,7 +132,7 @@ class FakeEngine:
     # checkpoints
     def snapshot(self, state: TrainState, config_dict: dict, root: Path) -> FakeSnapshot:
         copy = TrainState.from_dict(state.to_dict())
-        return FakeSnapshot(root, copy, config_dict, self.weight)
+        return FakeSnapshot(root, copy, config_dict, self.weight, write_s=self.write_s)
 
     def load(self, ckpt_dir: Path) -> TrainState:
         self.run = 0  # as the engines: a rollback starts a fresh run of skips

@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from utils import checkpoint
 from utils.storage import Store
@@ -37,17 +40,39 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-class Run:
-    """One ``train.py`` process; output goes to files so a test can watch it while it runs."""
+# A process that has used no CPU time and written no output for this long is hung. Waits end
+# when the work ends (the process exits or reaches what the test waits for); this only bounds
+# a hang. A loaded machine slows a process down, it does not stop it, so no wait below is a
+# clock set for a quiet machine.
+STALL_S = 120.0
 
-    def __init__(self, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None):
+
+def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a user's fresh shell: no launcher or rank variables leaked from the
+    test runner, no credentials, one OpenMP thread (tests share 2 cores), a private TMPDIR."""
+    (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
+                        "RANK", "LOCAL_RANK", "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update({"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+class Watched:
+    """A real process in its own session (a failed test ends it and all it started), output
+    to files so a test can watch it while it runs. ``merge_output`` sends stderr to stdout."""
+
+    def __init__(self, cmd: list[str], tmp: Path, name: str, env: dict[str, str],
+                 cwd: Path = REPO, merge_output: bool = False):
         self.out_path = tmp / f"{name}.stdout"
-        self.err_path = tmp / f"{name}.stderr"
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "train.py", *TINY, *args], cwd=REPO,
-                                         env=full_env, stdout=out, stderr=err)
+        self.err_path = self.out_path if merge_output else tmp / f"{name}.stderr"
+        with open(self.out_path, "wb") as out, open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT if merge_output else err,
+                                         start_new_session=True)
+        self._progress: tuple[float, int] = (-1.0, -1)
+        self._progress_at = self._checked_at = time.monotonic()
 
     @property
     def stdout(self) -> str:
@@ -57,37 +82,99 @@ class Run:
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")
 
-    def wait(self, timeout: float = 240) -> int:
+    def family(self) -> list[psutil.Process]:
+        """The process and everything it started that still runs."""
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"train.py still running after {timeout} s:\n"
-                                 f"{self.stderr[-3000:]}") from None
+            me = psutil.Process(self.proc.pid)
+            return [me, *me.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def signal(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120,
-                 poll_s: float = 0.01) -> None:
-        """Poll until condition() holds; fail naming ``what`` if the process ended first."""
-        deadline = time.monotonic() + timeout
+    def kill(self) -> None:
+        """SIGKILL the whole session (launchers, ranks, shells)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stalled(self) -> bool:
+        """True once neither CPU time nor output has grown for STALL_S (checked each second)."""
+        now = time.monotonic()
+        if now - self._checked_at < 1.0:
+            return False
+        self._checked_at = now
+        cpu = 0.0
+        for p in self.family():
+            try:
+                times = p.cpu_times()
+                cpu += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        written = sum(p.stat().st_size for p in {self.out_path, self.err_path} if p.exists())
+        progress = (round(cpu, 1), written)
+        if progress != self._progress:
+            self._progress, self._progress_at = progress, now
+        return now - self._progress_at > STALL_S
+
+    def wait_for(self, condition: Callable[[], bool], what: str, within: float | None = None,
+                 poll_s: float = 0.01, others: tuple[Watched, ...] = ()) -> None:
+        """Poll until condition() holds. Fails naming ``what`` if this process (or one of
+        ``others`` started with it) ends first, if it stalls, or past ``within`` seconds
+        where the test claims a bound (a stop that must be quick); everything is then
+        killed."""
+        group = (self, *others)
+        deadline = None if within is None else time.monotonic() + within
         while not condition():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"train.py exited ({self.proc.returncode}) before {what}:"
-                                     f"\n{self.stderr[-3000:]}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"timed out waiting for {what}:\n{self.stderr[-3000:]}")
+            ended = [w for w in group if w.proc.poll() is not None]
+            late = deadline is not None and time.monotonic() > deadline
+            stuck = [w for w in group if w.stalled()]
+            if ended or late or stuck:
+                for w in group:
+                    w.kill()
+                why = (f"exited ({ended[0].proc.returncode})" if ended else
+                       f"still running after {within} s" if late else
+                       f"stalled (no CPU time or output for {STALL_S:.0f} s)")
+                logs = "\n".join(w.stderr[-3000:] for w in group)
+                raise AssertionError(f"{self.proc.args[:3]} {why} before {what}:\n{logs}")
             time.sleep(poll_s)
 
+    def wait(self, within: float | None = None) -> int:
+        """Wait for the exit (a hang fails, see STALL_S; ``within``: a claimed bound)."""
+        if self.proc.poll() is None:
+            self.wait_for(lambda: self.proc.poll() is not None, "its end", within)
+        return self.proc.returncode
 
-def train(tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None,
-          timeout: float = 240) -> Run:
+
+def finish(cmd: list[str], tmp: Path | None = None, env: dict[str, str] | None = None,
+           cwd: Path = REPO, name: str = "run") -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``env`` (default: this process's) to its end and return what it printed,
+    as subprocess.run(capture_output=True, text=True) would; its output files go to ``tmp``
+    (default: a temporary folder, removed after). A hang fails (STALL_S), a slow machine does
+    not."""
+    with tempfile.TemporaryDirectory() as scratch:
+        done = Watched(cmd, Path(scratch) if tmp is None else tmp, name,
+                       dict(os.environ) if env is None else env, cwd=cwd)
+        done.wait()
+        return subprocess.CompletedProcess(cmd, done.proc.returncode, done.stdout, done.stderr)
+
+
+class Run(Watched):
+    """One ``train.py`` process with the tiny smoke settings (TINY) before ``args``."""
+
+    def __init__(self, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+        super().__init__([sys.executable, "train.py", *TINY, *args], tmp, name, full_env)
+
+
+def train(tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None) -> Run:
     """Run train.py to the end and return the finished Run."""
     run = Run(tmp, name, args, env)
-    run.wait(timeout)
+    run.wait()
     return run
 
 

@@ -7,12 +7,12 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import finish
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "bench_gpu.py")
@@ -124,9 +124,8 @@ def test_smoke_run_on_the_cpu_without_google_cloud(tmp_path):
            "BLOCKED_IMPORTS_LOG": str(blocked), "TMPDIR": str(tmp_path),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "bench/bench_gpu.py", "--smoke", "--out", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-                            check=False)
+    result = finish([sys.executable, "bench/bench_gpu.py", "--smoke", "--out", str(out)],
+                    cwd=REPO, env=env)
     elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert blocked.read_text() == "", f"google.cloud was imported: {blocked.read_text()}"

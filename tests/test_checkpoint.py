@@ -21,7 +21,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from gcs_emulator import FaultProxy
-from helpers import REPO, remote_problems
+from helpers import REPO, finish, remote_problems
 from transformers import GPTNeoXForCausalLM
 
 from configs.model_config import ModelSize, to_hf_config
@@ -427,8 +427,7 @@ def test_exit_waits_for_pending_uploads(saved, tmp_path):
         publisher.submit(Path({str(path)!r}))
         raise RuntimeError("the training loop crashed")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    result = finish([sys.executable, "-c", script], cwd=tmp_path)
     assert result.returncode == 1 and "the training loop crashed" in result.stderr
     assert "exiting: waiting up to 60 s for checkpoint uploads" in result.stdout
     assert "uploaded checkpoint-epoch0-step2-files1" in result.stdout

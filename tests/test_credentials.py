@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_train
+from helpers import finish
 
 from utils.storage import StorageError, check_credentials_value, open_store
 
@@ -90,10 +91,8 @@ def chain_text(exc: BaseException) -> str:
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--no-progress", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    return finish(
+        [sys.executable, str(SCRIPT), "--no-progress", *args], cwd=cwd, env=env)
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
@@ -206,7 +205,7 @@ def test_train_never_prints_a_pasted_key(
         args += ["--credentials", key.text]
     else:
         env[ENV] = key.text
-    proc = run_train(*args, tmp_path=tmp_path, env=env, timeout=300)
+    proc = run_train(*args, tmp_path=tmp_path, env=env)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     name = "--credentials" if source == "flag" else ENV

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from gcs_emulator import FaultProxy, GcsEmulator
+from helpers import finish
 
 from utils.storage import CACHE_FILE, open_store, sync_up
 
@@ -32,11 +33,9 @@ def run_cli(tmp_path: Path) -> Run:
     """Run the CLI from an unrelated cwd with the current environment (emulator host included)."""
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return finish(
             [sys.executable, str(SCRIPT), "--no-progress", *args],
-            cwd=tmp_path, env=env or dict(os.environ), capture_output=True, text=True,
-            timeout=120, check=False,
-        )
+            cwd=tmp_path, env=env or dict(os.environ))
 
     return run
 

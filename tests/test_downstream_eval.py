@@ -9,14 +9,13 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO, run_train
-from helpers import metrics
+from helpers import finish, metrics
 
 import evaluate
 from utils.errors import ConfigError, DataError
@@ -205,11 +204,11 @@ def test_per_example_scores_match_an_independent_torch_reference(tiny_base, expe
         ours = evaluate.evaluate(tiny_base, ",".join(AGREE_TASKS), backend,
                                  examples=AGREE_EXAMPLES, batch_tokens=700)
     else:
-        done = subprocess.run(
+        done = finish(
             [sys.executable, "evaluate.py", str(tiny_base), "--backend", "mlx", "--tasks",
              ",".join(AGREE_TASKS), "--examples", str(AGREE_EXAMPLES), "--batch-tokens", "700",
              "--output", str(tmp_path / "mlx.json")],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
+            cwd=REPO,
             env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
         assert done.returncode == 0, done.stderr[-2000:]
         ours = json.loads((tmp_path / "mlx.json").read_text())
@@ -228,12 +227,12 @@ def test_lm_eval_recipe_agrees_per_example(tiny_base, tmp_path):
     per-example log-likelihoods and correctness as evaluate.py."""
     tasks = {"python_syntax": "python-syntax", "python_cloze": "python-cloze",
              "capitals": "capitals"}
-    done = subprocess.run(
+    done = finish(
         [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
          f"pretrained={tiny_base},dtype=float32", "--include_path", "data/eval_tasks/lm_eval",
          "--tasks", ",".join(tasks), "--device", "cpu", "--batch_size", "8", "--limit", "30",
          "--log_samples", "--output_path", str(tmp_path / "lm_eval")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
              "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
              "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -259,16 +258,16 @@ def test_lm_eval_recipe_agrees_per_example(tiny_base, tmp_path):
 
 def test_evaluate_cli_prints_metrics_and_refuses_bad_input_in_one_line(tiny_base, tmp_path):
     out = tmp_path / "scores.json"
-    done = subprocess.run([sys.executable, "evaluate.py", str(tiny_base), "--tasks",
-                           "capitals", "--examples", "5", "--output", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = finish([sys.executable, "evaluate.py", str(tiny_base), "--tasks",
+                   "capitals", "--examples", "5", "--output", str(out)],
+                  cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[0].startswith("eval/capitals/acc: ")
     assert len(json.loads(out.read_text())["examples"]["capitals"]) == 5
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "a", "choices": ["b", "c"], "gold": 5}\n')
-    done = subprocess.run([sys.executable, "evaluate.py", str(tiny_base), "--tasks", str(bad)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = finish([sys.executable, "evaluate.py", str(tiny_base), "--tasks", str(bad)],
+                  cwd=REPO)
     assert done.returncode == 1
     assert done.stderr == f"error: {bad}:1: 'gold' must be the index (0 to 1) of the right " \
                           f"choice, got 5\n"
@@ -293,7 +292,7 @@ def test_smoke_accuracy_rises_above_chance(sample_data, tmp_path, backend):
     result = run_train("--config", "smoke", "--backend", backend, "--data-dir",
                        str(sample_data), "--bucket", "", "--output-dir", str(out),
                        "--eval-tasks", "python-syntax", "--report-to", "none", *extra,
-                       tmp_path=tmp_path, timeout=600,
+                       tmp_path=tmp_path,
                        env=openblas_preload() if backend == "mlx" else None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "downstream eval: python-syntax (100 x 4): 400 rows" in result.stdout

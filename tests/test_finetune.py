@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
-from helpers import metrics
+from helpers import finish, metrics
 from lora_data import (
     HELD_OUT_PAIRS,
     LORA,
@@ -446,15 +446,13 @@ def test_resumed_run_keeps_its_base_and_generate_prints(sft_run, tiny_base, tmp_
     assert resolve_base(config) == tiny_base.resolve()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    ok = subprocess.run([sys.executable, "generate.py", "--adapter", str(sft_run["ckpt"]),
+    ok = finish([sys.executable, "generate.py", "--adapter", str(sft_run["ckpt"]),
                          "--prompt", "What is 1 + 2?", "--prompt", "What is 4 + 4?",
-                         "--template", "question", "--max-new-tokens", "4"], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=120)
+                         "--template", "question", "--max-new-tokens", "4"], tmp_path, env)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.count("### Question: What is") == 2 and "\nAnswer:\n" in ok.stdout
-    bad = subprocess.run([sys.executable, "generate.py", "--model", str(tmp_path / "none"),
-                          "--prompt", "x"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = finish([sys.executable, "generate.py", "--model", str(tmp_path / "none"),
+                  "--prompt", "x"], tmp_path, env, name="bad")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: base model")
 

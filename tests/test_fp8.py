@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import finish
 
 from utils.torch_engine import fp8
 from utils.torch_engine.fp8 import fp8_unavailable
@@ -87,9 +87,8 @@ print(json.dumps({"converted": n, "kinds": kinds, "layers": model.config.num_hid
     "transformers imports it in every process that builds a model (CUDA-library warnings on a "
     "CPU machine); pip install torchao==0.18.0 to run this"))
 def test_to_float8_converts_the_layer_linears_and_not_the_head(tmp_path):
-    result = subprocess.run([sys.executable, "-c", CONVERT], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, check=False,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    result = finish([sys.executable, "-c", CONVERT], cwd=REPO,
+                    env={**os.environ, "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     per_layer = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
@@ -104,10 +103,9 @@ def test_to_float8_converts_the_layer_linears_and_not_the_head(tmp_path):
 
 
 def test_train_py_refuses_fp8_here_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "train.py", "--config", "smoke", "--fp8",
-                             "--max-steps", "1", "--bucket", "", "--output-dir",
-                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = finish([sys.executable, "train.py", "--config", "smoke", "--fp8",
+                     "--max-steps", "1", "--bucket", "", "--output-dir",
+                     str(tmp_path / "out")], cwd=REPO)
     assert result.returncode == 2  # a configuration error (never restarted)
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: --fp8 cannot run here: ") and line.endswith("drop --fp8")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_engine import FakeEngine, fake_config
-from helpers import REPO, Run, last_step, metrics, train
+from helpers import REPO, Run, finish, last_step, metrics, train
 
 from utils.checkpoint import find_complete, step_of
 from utils.loop.goodput import CATEGORIES, read_sessions, report, totals
@@ -76,8 +76,7 @@ def test_the_run_line_counts_the_time_between_sessions_as_lost():
 
 
 def _goodput_cli(source: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "utils.loop.goodput", str(source)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return finish([sys.executable, "-m", "utils.loop.goodput", str(source)], cwd=REPO)
 
 
 def test_the_cli_names_a_folder_without_an_account(tmp_path):

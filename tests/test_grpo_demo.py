@@ -33,7 +33,7 @@ def test_grpo_preset_raises_held_out_greedy_reward(backend, tiny_base, tmp_path)
     sft_checkpoint = find_complete(tmp_path / "sft" / "checkpoints")[-1]
     grpo = run_train("--config", "grpo", *flags, "--init-from", str(sft_checkpoint),
                      "--bucket", "", "--output-dir", str(tmp_path / "grpo"),
-                     tmp_path=tmp_path, env=env, timeout=420)
+                     tmp_path=tmp_path, env=env)
     assert grpo.returncode == 0, grpo.stderr[-2000:]
     rewards = [(r["step"], r["eval_reward"]) for r in metrics(tmp_path / "grpo")
                if "eval_reward" in r]

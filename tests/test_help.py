@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from helpers import finish
 
 from configs.cli import build_parser, flag_docs, parse_args
 from configs.flag_table import BEGIN, END, markdown
@@ -70,7 +70,6 @@ def test_help_is_quick_and_imports_no_torch():
              "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
              "except SystemExit as stop:\n    assert stop.code == 0\n"
              "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    done = finish([sys.executable, "-c", probe], cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("False"), done.stdout[-300:]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_train
+from helpers import finish
 
 from utils.checkpoint import find_complete
 from utils.mlx_engine.blas import openblas_preload
@@ -21,7 +22,7 @@ sys.modules["torch"] = None  # any `import torch` now raises ImportError
 def test_import_contracts_hold():
     """pyproject.toml's contracts: layers, neutral layers free of torch/MLX, no cycles."""
     lint = Path(sys.executable).parent / "lint-imports"
-    result = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = finish([str(lint)], cwd=REPO)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "0 broken" in result.stdout
 

@@ -64,9 +64,10 @@ def test_failing_updates_roll_back_twice_then_stop_unsaved(
                                             r"rollback\(s\) \(step 6 -> 4, 4 windows skipped; "
                                             r"step 8 -> 6, 4 windows skipped\)"):
         Trainer(config, engine).run()  # every step from index 3 on fails: 2 rollbacks, stop
-    # Step 6 was saved on the rolled-back line: skipped updates leave the weights as they were
-    # (3 updates, as in step 4's), and nothing is saved after the last failing run.
-    assert _steps(find_complete(tmp_path / "checkpoints")) == [2, 4, 6]
+    # Steps 6 and 8 were saved on the rolled-back lines (the abort lets the write of step 8
+    # finish): skipped updates leave the weights as they were (3 updates, as in step 4's),
+    # and nothing is saved at the stop.
+    assert _steps(find_complete(tmp_path / "checkpoints")) == [4, 6, 8]
     assert engine.weight == 3.0
 
 
@@ -127,6 +128,19 @@ def test_a_signal_saves_the_finished_steps_and_stops(sample_data, tmp_path):
     summary = Trainer(config, engine).run()
     assert summary["stopped_early"] and summary["steps"] == 5
     assert _steps(find_complete(tmp_path / "checkpoints")) == [5]
+
+
+def test_a_crash_while_a_checkpoint_is_written_still_completes_it(sample_data, tmp_path):
+    """The step-4 snapshot is still being written (1 s) when step 5 raises: the abort waits
+    for the write, so the checkpoint counts and a resume starts from it."""
+    def crash(step: int) -> None:
+        if step == 5:
+            raise RuntimeError("the machine went away")
+
+    config = fake_config(sample_data, tmp_path, max_steps=8, save_steps=4)
+    with pytest.raises(RuntimeError, match="went away"):
+        Trainer(config, FakeEngine(on_step=crash, write_s=1.0)).run()
+    assert _steps(find_complete(tmp_path / "checkpoints")) == [4]
 
 
 def test_a_resume_continues_the_data_order_exactly(sample_data, tmp_path):

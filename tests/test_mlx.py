@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from gcs_emulator import GcsEmulator
-from helpers import REPO, TINY, Run, last_step, metrics, remote_problems, train
+from helpers import REPO, TINY, Run, finish, last_step, metrics, remote_problems, train
 from mlx.utils import tree_flatten, tree_unflatten
 from transformers import GPTNeoXForCausalLM
 
@@ -233,10 +232,9 @@ def test_mlx_ranks_broadcast_a_listing_sized_object(tmp_path):
     listing: 5,000 objects, about 190 KB of JSON) and text."""
     script = tmp_path / "broadcast.py"
     script.write_text(BROADCAST)
-    done = subprocess.run(
+    done = finish(
         [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2",
          sys.executable, str(script), str(REPO)],
-        capture_output=True, text=True, timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(re.findall(r"rank (\d) received 5000", done.stdout)) == ["0", "1"]
@@ -248,11 +246,11 @@ def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
     """`mlx.launch -n 2` x batch 2 repeats the one-process batch-4 losses; rank 0 alone writes."""
     out = tmp_path / "out"
     launcher = Path(sys.executable).parent / "mlx.launch"
-    done = subprocess.run(
+    done = finish(
         [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *TINY,
          *_args(sample_data, out, "--max-steps", "10", "--save-steps", "10",
                 "--per-device-train-batch-size", "2")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
         env={**os.environ, **ENV, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("x 2 processes = 4 sequences") == 1  # printed by rank 0 only
@@ -277,9 +275,9 @@ def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
 
 
 def test_unsupported_precision_is_one_line_from_the_mlx_cli(sample_data, tmp_path):
-    result = subprocess.run(
+    result = finish(
         [sys.executable, "mlx_train.py", *_args(sample_data, tmp_path), "--mixed-precision",
-         "fp16"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+         "fp16"], cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: --mixed-precision fp16 is not supported by the MLX backend (no loss scaler); "

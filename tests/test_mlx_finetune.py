@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
-from helpers import metrics
+from helpers import finish, metrics
 from lora_data import (
     LORA,
     PAIRS,
@@ -244,10 +243,10 @@ def test_two_mlx_ranks_run_sft_and_a_curriculum_like_one_process(tiny_base, tmp_
                        tmp_path=tmp_path, env=ENV, script="mlx_train.py")
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = Path(sys.executable).parent / "mlx.launch"
-    ranks = subprocess.run(
+    ranks = finish(
         [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *args,
          "--output-dir", str(two), "--per-device-train-batch-size", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        cwd=REPO, env=env)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
 
     for stage in ("sft", "dpo"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import finish
 
 from data.prepare import stdlib_files
 from utils.data import TokenWindows, find_shards, read_dataset_meta
@@ -19,10 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
+    proc = finish(
         [sys.executable, "-m", "data.prepare", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )
+        cwd=REPO)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

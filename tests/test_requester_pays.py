@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from gcs_emulator import FaultProxy, GcsEmulator
+from helpers import finish
 
 from configs.cli import parse_args
 from utils.checkpoint import choose_resume, remote_complete
@@ -280,12 +281,10 @@ def test_download_cli_names_the_flag_in_one_line(bucket: str, proxy: BillingProx
     proxy.requester_pays = True
 
     def run(*extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return finish(
             [sys.executable, str(REPO / "download_training_data.py"), "--no-progress",
              "--bucket", f"{bucket}/data", "--dest", str(tmp_path / "dest"), *extra],
-            cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-            timeout=120, check=False,
-        )
+            cwd=tmp_path, env={**os.environ, **(env or {})})
 
     refused = run("--retry-deadline", "60")
     assert refused.returncode == 2, refused.stderr

@@ -5,17 +5,15 @@ are never restarted. Real processes: the script, train.py, kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import TINY, last_step, metrics
+from helpers import TINY, Watched, clean_env, finish, last_step, metrics
 
 from utils import checkpoint
 
@@ -24,63 +22,22 @@ SCRIPT = REPO / "start_training.sh"
 RESTART = "start_training.sh: training failed ("
 
 
-class Script:
-    """``start_training.sh`` as a user starts it, in its own session (so that a failed test
-    can end the script and everything it started); output goes to files."""
+class Script(Watched):
+    """``start_training.sh`` as a user starts it, from a fresh shell's environment."""
 
     def __init__(self, tmp: Path, name: str, args: list[str]):
-        (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
-        self.out_path, self.err_path = tmp / f"{name}.stdout", tmp / f"{name}.stderr"
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
-                            "RANK", "LOCAL_RANK", "GOOGLE_APPLICATION_CREDENTIALS")}
-        env.update({"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp, env=env,
-                                         stdout=out, stderr=err, start_new_session=True)
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text(errors="replace")
+        super().__init__(["bash", str(SCRIPT), *args], tmp, name, clean_env(tmp), cwd=tmp)
 
     def trainers(self) -> list[psutil.Process]:
         """The train.py processes the script runs now (itself, after an exec)."""
-        try:
-            me = psutil.Process(self.proc.pid)
-            found = [me, *me.children(recursive=True)]
-            return [p for p in found if "train.py" in p.cmdline()]
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill_all(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def wait(self, timeout: float = 240) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            raise AssertionError(f"start_training.sh still running after {timeout} s:\n"
-                                 f"{self.stderr[-3000:]}") from None
-
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"start_training.sh exited ({self.proc.returncode}) "
-                                     f"before {what}:\n{self.stderr[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill_all()
-                raise AssertionError(f"timed out waiting for {what}:\n{self.stderr[-3000:]}")
-            time.sleep(0.01)
+        found = []
+        for p in self.family():
+            try:
+                if "train.py" in p.cmdline():
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
 
 
 @pytest.fixture
@@ -89,7 +46,7 @@ def scripts() -> Iterator[list[Script]]:
     started: list[Script] = []
     yield started
     for script in started:
-        script.kill_all()
+        script.kill()
 
 
 def tiny(data: Path, out: Path, *extra: str) -> list[str]:
@@ -115,8 +72,8 @@ def starts(script: Script) -> int:
 
 @pytest.mark.parametrize("value", ["-1", "101", "two", "1.5", ""])
 def test_a_bad_max_restarts_is_one_line_and_exit_2(value: str, tmp_path: Path) -> None:
-    result = subprocess.run(["bash", str(SCRIPT), "--max-restarts", value, "--dry-run"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = finish(["bash", str(SCRIPT), "--max-restarts", value, "--dry-run"], tmp_path,
+                    cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"start_training.sh: --max-restarts must be a whole number from 0 to 100, got '{value}'"]
@@ -124,17 +81,16 @@ def test_a_bad_max_restarts_is_one_line_and_exit_2(value: str, tmp_path: Path) -
 
 
 def test_dry_run_shows_the_restarts_and_keeps_the_first_commands_resume(tmp_path: Path) -> None:
-    result = subprocess.run(["bash", str(SCRIPT), "--gpus", "0", "--max-restarts=3",
-                             "--resume", "outputs/x/checkpoints/a b", "--dry-run"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = finish(["bash", str(SCRIPT), "--gpus", "0", "--max-restarts=3", "--resume",
+                     "outputs/x/checkpoints/a b", "--dry-run"], tmp_path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     first, restarts = [x for x in result.stdout.splitlines() if x.startswith("[start] ")]
     assert shlex.split(first.removeprefix("[start] ")) == [
         ".venv/bin/python", "train.py", "--resume", "outputs/x/checkpoints/a b"]
     assert restarts == ("[start] after a crash: up to 3 restart(s) with --resume latest "
                         "(--max-restarts 3)")
-    default = subprocess.run(["bash", str(SCRIPT), "--gpus", "0", "--dry-run"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=60)
+    default = finish(["bash", str(SCRIPT), "--gpus", "0", "--dry-run"], tmp_path,
+                     cwd=tmp_path, name="default")
     assert "restart" not in default.stdout  # --max-restarts 0: the launch as it always was
 
 
@@ -187,7 +143,7 @@ def test_without_max_restarts_a_crash_ends_the_script(sample_data, scripts,
     (trainer,) = script.trainers()
     assert trainer.pid == script.proc.pid  # exec: no shell left in between
     trainer.send_signal(signal.SIGKILL)
-    assert script.wait(60) == -signal.SIGKILL
+    assert script.wait(within=60) == -signal.SIGKILL
     assert RESTART not in script.stderr and starts(script) == 1
     assert last_step(out) < 1000
 
@@ -217,10 +173,9 @@ def test_a_configuration_error_is_not_retried(sample_data, scripts, tmp_path: Pa
 
 
 def test_a_bad_flag_value_is_refused_before_any_attempt(sample_data, tmp_path: Path) -> None:
-    result = subprocess.run(["bash", str(SCRIPT), *tiny(sample_data, tmp_path / "out",
-                                                        "--max-restarts", "3",
-                                                        "--max-steps", "-5")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = finish(["bash", str(SCRIPT), *tiny(sample_data, tmp_path / "out",
+                                                "--max-restarts", "3", "--max-steps", "-5")],
+                    tmp_path, cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("start_training.sh: error: ") and "--max-steps" in last, last
@@ -240,7 +195,7 @@ def test_a_signal_to_the_script_reaches_training_and_is_not_restarted(
     (trainer,) = script.trainers()
     assert trainer.pid != script.proc.pid  # the script supervises: it did not exec
     script.proc.send_signal(sig)
-    assert script.wait(120) == 0, script.stderr[-3000:]
+    assert script.wait() == 0, script.stderr[-3000:]
     assert script.stderr.count(f"{sig.name} received") == 1, script.stderr[-3000:]
     assert RESTART not in script.stderr and starts(script) == 1
     stopped = last_step(out)
@@ -259,7 +214,7 @@ def test_ctrl_c_while_training_starts_up_stops_it(sample_data, scripts, tmp_path
     script.proc.send_signal(signal.SIGINT)
     # 130 from train.py's "interrupted", 0 once its handler saved, 1 when the interpreter
     # itself was still starting ("Fatal Python error: init_import_site"): none restarted.
-    assert script.wait(120) in (0, 1, 130), script.stderr[-3000:]
+    assert script.wait() in (0, 1, 130), script.stderr[-3000:]
     assert RESTART not in script.stderr and starts(script) <= 1
     assert last_step(out) < 1000
 

@@ -156,17 +156,20 @@ def test_two_runs_of_one_name_started_together_never_mix(sample_data, gcs_bucket
             store.child(prefix).delete(obj.name)
 
 
-def _acquire_in_process(url: str, barrier: str, ready: str) -> str:
+def _acquire_in_process(url: str, barrier: str, ready: str, end: str) -> str:
     """Another process: say it is ready, wait for the barrier file, try to take the lease,
-    print the verdict."""
+    print the verdict, and hold on (a live holder) until the end file appears: a winner that
+    exited at once would leave a dead holder, which a slow loser rightly takes over."""
     code = ("import sys, time, pathlib; sys.path.insert(0, '.');"
             "from utils.storage import open_store; from utils.checkpoint import RunLease;"
             "from utils.errors import CheckpointError;"
             f"b = pathlib.Path({barrier!r}); pathlib.Path({ready!r}).touch()\n"
             "while not b.exists(): time.sleep(0.001)\n"
-            f"lease = RunLease(open_store({url!r}, retry_deadline_s=20), 'run x')\n"
-            "try:\n    lease.acquire(); print('won')\n"
-            "except CheckpointError as e: print('lost', e)\n")
+            f"lease = RunLease(open_store({url!r}, retry_deadline_s=20), 'run x', "
+            "log=lambda line: None)\n"
+            "try:\n    lease.acquire(); print('won', flush=True)\n"
+            "except CheckpointError as e: print('lost', e, flush=True)\n"
+            f"while not pathlib.Path({end!r}).exists(): time.sleep(0.01)\n")
     return code
 
 
@@ -181,17 +184,20 @@ def test_of_two_processes_taking_one_lease_exactly_one_wins(kind, tmp_path, requ
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for trial in range(5):
         store = open_store(url, retry_deadline_s=20).child(f"run{trial}")
-        barrier = str(tmp_path / f"go{trial}")
+        barrier, end = str(tmp_path / f"go{trial}"), tmp_path / f"end{trial}"
         ready = [tmp_path / f"ready{trial}-{i}" for i in range(2)]
         procs = [subprocess.Popen([sys.executable, "-c",
-                                   _acquire_in_process(store.url, barrier, str(flag))],
+                                   _acquire_in_process(store.url, barrier, str(flag), str(end))],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
                  for flag in ready]
-        deadline = time.monotonic() + 120
-        while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        while not all(flag.exists() for flag in ready):
+            assert all(p.poll() is None for p in procs), "a process ended before the barrier"
             time.sleep(0.01)  # both processes have imported everything and wait
         Path(barrier).touch()
-        verdicts = sorted(p.communicate(timeout=120)[0].split()[0] for p in procs)
+        verdicts = sorted(p.stdout.readline().split(" ", 1)[0].strip() for p in procs)
+        end.touch()
+        for p in procs:
+            p.communicate()
         assert verdicts == ["lost", "won"], verdicts
 
 

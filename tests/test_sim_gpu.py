@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import finish
 
 REPO = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("sim_gpu", REPO / "bench" / "sim_gpu.py")
@@ -34,11 +35,11 @@ def _guard() -> Path:
 def _simulate(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     _guard()
     out = tmp_path / "sim.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "sim_gpu.py"), "--layers", "2",
-                          "--seq", "512", "--micro-batches", "2", "--sequences", "4",
-                          "--json", str(out), *flags],
-                         cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    run = finish([sys.executable, str(REPO / "bench" / "sim_gpu.py"), "--layers", "2",
+                  "--seq", "512", "--micro-batches", "2", "--sequences", "4",
+                  "--json", str(out), *flags],
+                 cwd=REPO,
+                 env={**os.environ, "TMPDIR": str(tmp_path)})
     return run, json.loads(out.read_text()) if out.exists() else []
 
 
@@ -94,8 +95,7 @@ out = [sim_gpu.sdp_choice(q, q, q, is_causal=True),
        sim_gpu.sdp_choice(t(2, 16, 64, 512), t(2, 16, 64, 512), t(2, 16, 64, 512))]
 print(json.dumps(out))
 """
-    run = subprocess.run([sys.executable, "-c", code, str(REPO / "bench")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    run = finish([sys.executable, "-c", code, str(REPO / "bench")], cwd=REPO)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == ["flash", "efficient", "efficient", "efficient",
                                       "efficient"]

@@ -11,12 +11,13 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import metrics
+from helpers import finish, metrics
 from slurm_cluster import GPUS, SlurmCluster, missing_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +40,7 @@ def _clean_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def start(args: list[str], tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp, env=env, text=True,
-                          capture_output=True, timeout=60, check=False)
+    return finish(["bash", str(SCRIPT), *args], cwd=tmp, env=env)
 
 
 def launched(stdout: str) -> list[str]:
@@ -142,12 +142,16 @@ SKIP = missing_reason()
 def slurm(tmp_path: Path) -> Iterator[SlurmCluster]:
     if SKIP:
         pytest.skip(SKIP)
-    cluster = SlurmCluster(tmp_path / "slurm")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    # A short root: slurmstepd's socket path under it must fit a Unix socket name (108
+    # bytes), which a worker's tmp_path (.../popen-gw1/test_sbatch_trains_smoke_on_tw0/...)
+    # does not leave room for.
+    with tempfile.TemporaryDirectory(prefix="slurm-", dir="/tmp") as root:
+        cluster = SlurmCluster(Path(root))
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
 
 
 def _free_port() -> int:
@@ -177,7 +181,9 @@ def test_sbatch_trains_smoke_on_two_ranks_over_gloo(slurm: SlurmCluster, tmp_pat
     proc = subprocess.Popen(submit, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        # sbatch --wait only waits (the job runs under slurmd): a bound, not a stall check,
+        # set far above the job's time on a loaded machine (45 s quiet).
+        stdout, stderr = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         slurm.run("scancel", "--full", "--signal=KILL", "--user=root")
         os.killpg(proc.pid, signal.SIGKILL)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import metrics
+from helpers import clean_env, finish, metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "start_training.sh"
@@ -21,23 +19,9 @@ TINY = ["--seq-len", "64", "--logging-steps", "1", "--eval-steps", "1000",
         "--eval-windows", "8", "--save-steps", "1000", "--bucket", ""]
 
 
-def start(args: list[str], tmp: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The script as a user runs it (it changes to the repo root itself)."""
-    (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
-                 "LOCAL_RANK"):
-        env.pop(name, None)
-    proc = subprocess.Popen(["bash", str(SCRIPT), *args], cwd=tmp, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
-        stdout, stderr = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def start(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """The script as a user runs it from a fresh shell (it changes to the repo root itself)."""
+    return finish(["bash", str(SCRIPT), *args], tmp, clean_env(tmp), cwd=tmp, name="start")
 
 
 def launched(stdout: str) -> list[str]:
@@ -57,7 +41,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("start-data")
     subprocess.run([sys.executable, "-m", "data.prepare",
                     "--out", str(root / "data"), "--tokenizer-out", str(root / "tok"),
-                    "--max-mb", "1"], cwd=REPO, check=True, capture_output=True, timeout=120)
+                    "--max-mb", "1"], cwd=REPO, check=True, capture_output=True)
     return root / "data"
 
 
@@ -67,7 +51,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ])
 def test_bad_option_prints_usage_then_the_problem_and_exits_2(args: list[str], problem: str,
                                                               tmp_path: Path) -> None:
-    result = start(args, tmp_path, timeout=60)
+    result = start(args, tmp_path)
     assert result.returncode == 2
     assert USAGE in result.stderr
     assert problem in result.stderr.strip().splitlines()[-1]
@@ -85,7 +69,7 @@ def test_bad_option_prints_usage_then_the_problem_and_exits_2(args: list[str], p
 ])
 def test_bad_launch_setting_is_one_line_and_exit_2(args: list[str], problem: str,
                                                    tmp_path: Path) -> None:
-    result = start(args, tmp_path, timeout=60)
+    result = start(args, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"start_training.sh: {problem}"), lines
@@ -120,7 +104,7 @@ PASSED = ["--output-dir", "a b", "--bucket", ""]  # a space and an empty value, 
 ])
 def test_dry_run_prints_the_launch_command(args: list[str], expected: list[str],
                                            tmp_path: Path) -> None:
-    result = start([*args, *PASSED, "--dry-run"], tmp_path, timeout=60)
+    result = start([*args, *PASSED, "--dry-run"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert launched(result.stdout) == [*expected, *PASSED]
     if "--config_file" in expected:
@@ -142,7 +126,7 @@ def test_flags_take_the_equals_form(args: list[str], expected: list[str],
                                     tmp_path: Path) -> None:
     """--flag=value as every GNU tool takes it: the script's own flags are read, train.py's
     (--config=sft, --max-steps=3) passed on unchanged."""
-    result = start(["--config=sft", *args, "--max-steps=3", "--dry-run"], tmp_path, timeout=60)
+    result = start(["--config=sft", *args, "--max-steps=3", "--dry-run"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert launched(result.stdout) == [*expected, "--max-steps=3"]
 
@@ -153,7 +137,7 @@ def test_sample_preparation_never_writes_into_the_bundled_examples(tmp_path: Pat
     examples = REPO / "data" / "examples"
     before = sorted(examples.rglob("*"))
     result = start(["--config=sft", "--gpus=0", "--init-from", str(tmp_path / "no-base"),
-                    "--bucket=", "--output-dir", str(tmp_path / "out")], tmp_path, timeout=120)
+                    "--bucket=", "--output-dir", str(tmp_path / "out")], tmp_path)
     assert "sample data missing" not in result.stdout
     assert sorted(examples.rglob("*")) == before
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gcs_emulator import FaultProxy, GcsEmulator
+from helpers import finish
 
 from utils.storage import (
     CACHE_FILE,
@@ -809,7 +809,6 @@ def test_local_store_does_not_import_the_gcs_client(tmp_path: Path) -> None:
         "assert r.transferred == 1, r; "
         "assert not [m for m in sys.modules if m.startswith('google.cloud')], 'imported'"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
-    )
+    proc = finish(
+        [sys.executable, "-c", code], cwd=REPO)
     assert proc.returncode == 0, proc.stderr

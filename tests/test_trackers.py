@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_train
-from helpers import TINY, Run, metrics, tensorboard_scalars
+from helpers import TINY, Run, finish, metrics, tensorboard_scalars
 
 from configs.training_config import report_to
 from utils.checkpoint import find_complete
@@ -192,11 +191,10 @@ def test_not_logged_in_is_one_line_and_offline_needs_no_login(tmp_path):
     probe = "from utils.loop.tracker import wandb_problem; print(repr(wandb_problem()))"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc"),
            **{k: v for k, v in wandb_env(tmp_path).items() if k != "WANDB_MODE"}}
-    online = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, timeout=120,
-                            capture_output=True, text=True)
+    online = finish([sys.executable, "-c", probe], cwd=REPO, env=env)
     assert "not logged in to W&B" in online.stdout and "wandb login" in online.stdout
-    offline = subprocess.run([sys.executable, "-c", probe], cwd=REPO, timeout=120,
-                             env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True)
+    offline = finish([sys.executable, "-c", probe], cwd=REPO,
+                     env={**env, "WANDB_MODE": "offline"})
     assert offline.stdout.strip() == "''", offline.stderr[-2000:]
 
 

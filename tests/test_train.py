@@ -113,7 +113,7 @@ def test_compile_path_runs_on_cpu(sample_data, tmp_path):
     out = tmp_path / "out"
     result = run_train(*TINY, "--data-dir", str(sample_data), "--output-dir", str(out),
                        "--bucket", "", "--max-steps", "3", "--logging-steps", "1",
-                       "--save-steps", "3", "--compile", tmp_path=tmp_path, timeout=600)
+                       "--save-steps", "3", "--compile", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running eager" not in result.stdout
     assert len(metrics(out)) == 3 and find_complete(out / "checkpoints")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from gcs_emulator import FaultProxy, GcsEmulator
+from helpers import finish
 from throttle_proxy import ProxiedEmulator
 
 from utils.storage import (
@@ -229,8 +230,7 @@ atexit.register(lambda: print(store.upload_file(Path(sys.argv[2]), "late.bin").c
 def test_sliced_upload_runs_from_an_atexit_handler(bucket: str, tmp_path: Path) -> None:
     """The checkpoint publisher flushes from atexit, when thread pools refuse work."""
     src = _file(tmp_path / "late.bin", 16 * 2**20)
-    done = subprocess.run([sys.executable, "-c", _AT_EXIT, bucket, str(src)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = finish([sys.executable, "-c", _AT_EXIT, bucket, str(src)], cwd=REPO)
     assert done.returncode == 0 and done.stdout.strip() == file_crc32c(src), done.stderr
 
 

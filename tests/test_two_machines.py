@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import TINY, metrics
+from helpers import TINY, Watched, clean_env, finish, metrics
 
 from utils import checkpoint
 
@@ -89,82 +89,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
-    (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE",
-                        "RANK", "LOCAL_RANK", "GOOGLE_APPLICATION_CREDENTIALS")}
-    env.update({"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}, **extra)
-    return env
-
-
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY, "--data-dir", str(data), "--output-dir", str(out), "--max-steps", str(STEPS),
             *extra]
 
 
-class Machine:
-    """``start_training.sh`` on one "machine" (in its namespace); output to a log file."""
+class Machine(Watched):
+    """``start_training.sh`` on one "machine" (in its namespace); stderr into its stdout."""
 
     def __init__(self, net: Net, rank: int, port: int, tmp: Path, args: list[str]):
-        self.log = tmp / f"machine{rank}.log"
         # The host name resolves to 127.0.0.1 here: gloo must use the veth's address.
-        env = clean_env(tmp, GLOO_SOCKET_IFNAME=net.links[rank])
         cmd = ["ip", "netns", "exec", net.namespaces[rank], "bash", str(SCRIPT), "--gpus", "1",
                "--num-machines", "2", "--machine-rank", str(rank), "--main-process-ip",
                ADDRESSES[0], "--main-process-port", str(port), *args]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        env = clean_env(tmp, GLOO_SOCKET_IFNAME=net.links[rank])
+        super().__init__(cmd, tmp, f"machine{rank}", env, cwd=tmp, merge_output=True)
 
     def trainer(self) -> psutil.Process | None:
         """The machine's train.py rank (not the accelerate launcher that started it)."""
-        try:
-            for p in psutil.Process(self.proc.pid).children(recursive=True):
+        for p in self.family()[1:]:
+            try:
                 cmd = p.cmdline()
-                if "train.py" in cmd and "launch" not in cmd:
-                    return p
-        except psutil.NoSuchProcess:
-            pass
+            except psutil.NoSuchProcess:
+                continue
+            if "train.py" in cmd and "launch" not in cmd:
+                return p
         return None
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"machine still running after {timeout} s:\n"
-                                 f"{self.output[-3000:]}") from None
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def start_both(net: Net, tmp: Path, data: Path, *extra: str) -> list[Machine]:
     port = free_port()
     return [Machine(net, rank, port, tmp, train_args(data, tmp / f"out{rank}", *extra))
             for rank in (0, 1)]
-
-
-def wait_until(condition, what: str, machines: list[Machine], timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        ended = [m for m in machines if m.proc.poll() is not None]
-        if ended or time.monotonic() > deadline:
-            for m in machines:
-                m.kill()
-            logs = "\n".join(m.output[-2000:] for m in machines)
-            raise AssertionError(f"{'a machine exited' if ended else 'timed out'} before "
-                                 f"{what}:\n{logs}")
-        time.sleep(0.02)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -177,11 +133,9 @@ def losses(out: Path) -> dict[int, float]:
 def one_machine(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: the same job as two processes on one machine (--gpus 2)."""
     tmp = tmp_path_factory.mktemp("one-machine")
-    done = subprocess.run(["bash", str(SCRIPT), "--gpus", "2", "--main-process-port",
-                           str(free_port()), *train_args(sample_data, tmp / "out", "--bucket",
-                                                         "")],
-                          cwd=tmp, env=clean_env(tmp), capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = finish(["bash", str(SCRIPT), "--gpus", "2", "--main-process-port", str(free_port()),
+                   *train_args(sample_data, tmp / "out", "--bucket", "")], tmp, clean_env(tmp),
+                  cwd=tmp)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return tmp / "out"
 
@@ -198,10 +152,10 @@ def test_two_machines_train_like_two_processes_on_one(net, sample_data, one_mach
                                                       tmp_path: Path) -> None:
     machines += start_both(net, tmp_path, sample_data, "--bucket", "")
     for m in machines:
-        assert m.wait() == 0, m.output[-3000:]
+        assert m.wait() == 0, m.stdout[-3000:]
     main, other = machines
-    assert "process 0 of 2" in main.output and "process 1 of 2" in other.output
-    assert "4 per device x 1 accumulation x 2 processes = 8 sequences" in main.output
+    assert "process 0 of 2" in main.stdout and "process 1 of 2" in other.stdout
+    assert "4 per device x 1 accumulation x 2 processes = 8 sequences" in main.stdout
     want, got = losses(one_machine), losses(tmp_path / "out0")
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
@@ -217,19 +171,19 @@ def test_a_killed_machine_ends_the_other_within_a_minute(net, sample_data, machi
     machines += start_both(net, tmp_path, sample_data, "--bucket", "", "--max-steps", "100000",
                            "--save-steps", "100000")
     main, other = machines
-    wait_until(lambda: len(metrics(out)) >= 2 and other.trainer() is not None, "step 2",
-               machines)
+    main.wait_for(lambda: len(metrics(out)) >= 2 and other.trainer() is not None, "step 2",
+                  others=(other,))
     other.trainer().send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    status = main.wait(60)  # fails past a minute: the survivor hung
+    status = main.wait(within=60)  # fails past a minute: the survivor hung
     took = time.monotonic() - killed
     print(f"machine 0 exited with status {status} {took:.1f} s after machine 1's rank died")
     assert status != 0
-    assert other.wait(60) != 0
+    assert other.wait(within=60) != 0
     # gloo names the machine that went away: "... [10.77.0.2]:PORT: Connection reset by peer"
-    lost = [x for x in main.output.splitlines() if f"[{ADDRESSES[1]}]" in x and "by peer" in x]
-    assert lost, main.output[-3000:]
-    assert RESTART not in main.output + other.output  # --max-restarts 0: no second attempt
+    lost = [x for x in main.stdout.splitlines() if f"[{ADDRESSES[1]}]" in x and "by peer" in x]
+    assert lost, main.stdout[-3000:]
+    assert RESTART not in main.stdout + other.stdout  # --max-restarts 0: no second attempt
 
 
 def test_with_max_restarts_both_machines_resume_and_finish(net, sample_data, one_machine,
@@ -241,19 +195,19 @@ def test_with_max_restarts_both_machines_resume_and_finish(net, sample_data, one
                            "--save-steps", "5", "--max-restarts", "1", "--run-name", "twom")
     main, other = machines
     run_dir = bucket / "checkpoints" / "twom"
-    wait_until(lambda: run_dir.is_dir() and bool(checkpoint.find_complete(run_dir))
-               and other.trainer() is not None, "a checkpoint in the bucket", machines)
+    main.wait_for(lambda: run_dir.is_dir() and bool(checkpoint.find_complete(run_dir))
+                  and other.trainer() is not None, "a checkpoint in the bucket", others=(other,))
     other.trainer().send_signal(signal.SIGKILL)
     killed = time.monotonic()
     for m in machines:
-        assert m.wait() == 0, m.output[-3000:]
+        assert m.wait() == 0, m.stdout[-3000:]
     print(f"the job finished {time.monotonic() - killed:.1f} s after the kill")
     resumed_at = set()
     for m in machines:
-        restarts = [x for x in m.output.splitlines() if x.startswith(RESTART)]
+        restarts = [x for x in m.stdout.splitlines() if x.startswith(RESTART)]
         assert restarts == ["start_training.sh: training failed (exit status 1): restart 1 of 1 "
-                            "with --resume latest"], m.output[-3000:]
-        (line,) = [x for x in m.output.splitlines() if x.startswith("resumed from ")]
+                            "with --resume latest"], m.stdout[-3000:]
+        (line,) = [x for x in m.stdout.splitlines() if x.startswith("resumed from ")]
         resumed_at.add(int(line.rsplit(" at step ", 1)[1]))
     (step,) = resumed_at  # both machines resumed from the same checkpoint
     assert 5 <= step < STEPS

@@ -219,7 +219,7 @@ class Trainer:
         try:
             emit("pre_train", self)
             self.meter.reset()
-            with uploads_survive_an_abort(self.publisher, config, self.say,
+            with uploads_survive_an_abort(self.saver, self.publisher, config, self.say,
                                           on_abort=lambda err: emit("on_error", self, err)):
                 while state.step < config.max_steps and not self.stopped_early:
                     emit("pre_step", self)

@@ -6,23 +6,29 @@ them (a spot VM is gone 30 s after its notice), so the exit never hangs on a buc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from configs.training_config import TrainingConfig
 
 
 @contextmanager
-def uploads_survive_an_abort(publisher, config: TrainingConfig, say,
+def uploads_survive_an_abort(saver, publisher, config: TrainingConfig, say,
                              on_abort: Callable[[BaseException], None]) -> Iterator[None]:
-    """Around the loop: a crash or Ctrl-C still waits (bounded) for earlier checkpoints'
-    uploads before it propagates; ``on_abort`` (the callbacks' ``on_error``) runs first."""
+    """Around the loop: a crash or Ctrl-C still waits, within --upload-timeout-s, for the
+    checkpoint being written in the background (its snapshot was taken before the crash: a
+    resume starts from it) and for earlier checkpoints' uploads before it propagates;
+    ``on_abort`` (the callbacks' ``on_error``) runs first."""
     try:
         yield
     except BaseException as err:
         on_abort(err)
-        say("run aborted: waiting for uploads of earlier checkpoints")
-        publisher.close(timeout=config.upload_timeout_s)
+        say("run aborted: waiting for the writes and uploads of earlier checkpoints")
+        deadline = time.monotonic() + config.upload_timeout_s
+        with suppress(Exception):  # the crash is the error to report, not a failed write
+            saver.wait(timeout=config.upload_timeout_s)
+        publisher.close(timeout=max(0.0, deadline - time.monotonic()))
         raise
 
 
