@@ -244,6 +244,29 @@ def _flops(func, args, kwargs, out) -> int:
     return int(counter(*args, **kwargs, out_val=out)) if counter else 0
 
 
+CAUSAL_BLOCK = 128  # flash/cuDNN tile edge on sm90: the diagonal tiles run whole
+
+
+def causal_fraction(func, args, kwargs) -> float:
+    """The share of an attention kernel's FlopCounter FLOPs it executes: a causal flash or
+    cuDNN kernel (``is_causal``) skips the tiles above the diagonal, so of T/B x T/B tiles it
+    runs (T/B)(T/B + 1)/2, i.e. (T + B) / 2T of the unmasked count; 1 for everything else."""
+    name = _opname(func)
+    if not name.startswith("_scaled_dot_product_"):
+        return 1.0
+    names = [a.name for a in func._schema.arguments]
+    values = dict(zip(names, args, strict=False)) | kwargs
+    if not values.get("is_causal"):
+        return 1.0
+    seq = values["query"].shape[-2]
+    return min(1.0, (seq + CAUSAL_BLOCK) / (2 * seq))
+
+
+def _kernel_flops(func, args, kwargs, out) -> int:
+    """The FLOPs a kernel executes (the roofline's): FlopCounter's, causal attention halved."""
+    return int(_flops(func, args, kwargs, out) * causal_fraction(func, args, kwargs))
+
+
 def _eager_bytes(func, args, kwargs, out) -> int:
     """An eager kernel's traffic: its tensor inputs read, what it writes (new outputs, or
     the arguments it mutates)."""
@@ -296,7 +319,8 @@ def graph_kernels(gm) -> list[tuple[int, int, int]]:
             out = n.meta.get("val")
             args = [a.meta.get("val") if hasattr(a, "meta") else a for a in n.args]
             kw = {k: v.meta.get("val") if hasattr(v, "meta") else v for k, v in n.kwargs.items()}
-            kernels.append((_flops(n.target, args, kw, out), _nbytes(ins) + _nbytes(out), 0))
+            kernels.append((_kernel_flops(n.target, args, kw, out), _nbytes(ins) + _nbytes(out),
+                            0))
     return kernels
 
 
@@ -315,6 +339,7 @@ def _group_cost(members, source, root) -> tuple[int, int, int]:
     return 0, _nbytes(list(reads.values())) + _nbytes(list(writes.values())), big
 
 
+RECOMPUTE_CASTS = [False]  # --recompute-casts: compile_model's recompute_casts, measured
 _CHUNK_NUMEL = [-1]  # a loss chunk's logits: a tensor this size is a pass (set per run)
 
 
@@ -397,7 +422,8 @@ class Recorder:
         if self.region is None:
             big = 0 if name in MATMULS else sum(1 for t in cuda_in + outs
                                                 if t.numel() == _CHUNK_NUMEL[0])
-            cost = (_flops(func, args, kwargs, out), _eager_bytes(func, args, kwargs, out), big)
+            cost = (_kernel_flops(func, args, kwargs, out), _eager_bytes(func, args, kwargs, out),
+                    big)
             if cost[1] or cost[0]:
                 self.kernels.setdefault(self.phase, []).append(cost)
 
@@ -500,7 +526,8 @@ def build(preset_name: str, micro_batch: int, accumulation: int, layers: int, se
         autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         model.forward = convert_outputs_to_fp32(autocast(model.forward))
     if config.compile:
-        compile_model(model, config.compile_scope, backend=sim_backend(recorder, "layers"))
+        compile_model(model, config.compile_scope, backend=sim_backend(recorder, "layers"),
+                      recompute_casts=RECOMPUTE_CASTS[0] and config.mixed_precision != "no")
         if hasattr(chunked_ce, "LOSS_BACKEND"):
             chunked_ce.LOSS_BACKEND = sim_backend(recorder, "loss")
     return config, model, optimizer
@@ -613,6 +640,7 @@ def summarize(config, hf_config, recorder: Recorder, choices: list[str],
         phases = roofline(recorder.kernels, peak, bandwidth)
         seconds = sum(phases.values())
         devices[name] = {"step_ms": seconds * 1e3, "mfu_bound": formula * tokens / seconds / peak,
+                         "causal_mfu_bound": causal * tokens / seconds / peak,
                          "phases_ms": {k: v * 1e3 for k, v in sorted(phases.items())}}
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     result = {
@@ -669,12 +697,15 @@ def report(results: list[dict]) -> None:
           f"(6N + 12LHT) {first['flops_formula_per_token']:.4g}, causal-aware (6N + 6LHT) "
           f"{first['flops_causal_per_token']:.4g}")
     names = [name for name, _, _ in DEVICES]
+    print("(bound: causal attention kernels execute (T + 128) / 2T of their unmasked FLOPs; "
+          "MFU <= formula / causal-aware: the same bound with 6N + 12LHT / 6N + 6LHT FLOPs)")
     print("| micro-batch x accumulation | allocated peak GiB | "
-          + " | ".join(f"{n} step >= ms | {n} MFU <=" for n in names) + " |")
+          + " | ".join(f"{n} step >= ms | {n} MFU <= formula / causal" for n in names) + " |")
     print("|---|---:|" + "---:|---:|" * len(names))
     for r in results:
         cells = " | ".join(f"{r['devices'][n]['step_ms']:.0f} | "
-                           f"{100 * r['devices'][n]['mfu_bound']:.1f}%" for n in names)
+                           f"{100 * r['devices'][n]['mfu_bound']:.1f}% / "
+                           f"{100 * r['devices'][n]['causal_mfu_bound']:.1f}%" for n in names)
         print(f"| {r['micro_batch']} x {r['accumulation']} | {r['peak_allocated_gib']:.1f} | "
               f"{cells} |")
     for r in results:
@@ -702,6 +733,9 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="report, do not assert")
     parser.add_argument("--eager-loss", action="store_true",
                         help="the chunked loss unfused (its CPU path), for comparison")
+    parser.add_argument("--recompute-casts", action="store_true",
+                        help="the compiled layers recompute their weights' bf16 casts in "
+                             "backward instead of saving them (compile_model's option)")
     args = parser.parse_args()
     try:
         load_guard(build_guard())
@@ -713,6 +747,7 @@ def main() -> None:
         from utils.torch_engine import chunked_ce
 
         chunked_ce.FUSED_DEVICES = ()
+    RECOMPUTE_CASTS[0] = args.recompute_casts
     sizes = [int(s) for s in args.micro_batches.split(",")]
     results = simulate(args.preset, sizes, args.sequences, layers=args.layers,
                        seq=args.seq)

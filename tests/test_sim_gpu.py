@@ -61,6 +61,9 @@ def test_the_production_step_passes_on_a_simulated_gpu(tmp_path: Path):
     assert 0 < r["resident_gib"] < r["peak_allocated_gib"]
     for device in r["devices"].values():
         assert 0 < device["mfu_bound"] < 1 and device["step_ms"] > 0
+        # The same bound over the causal-aware FLOPs (6N + 6LHT): lower by their ratio.
+        assert device["causal_mfu_bound"] == pytest.approx(
+            device["mfu_bound"] * r["flops_causal_per_token"] / r["flops_formula_per_token"])
     h100, h200 = r["devices"]["H100 SXM"], r["devices"]["H200"]
     assert h200["step_ms"] < h100["step_ms"]  # same peak, more bandwidth
 
@@ -74,6 +77,25 @@ def test_the_unfused_loss_fails_the_check(tmp_path: Path):
     (r,) = results
     assert r["loss_passes_per_chunk"] > 10
     assert any("passes over each loss chunk" in f for f in r["failures"])
+
+
+def test_causal_attention_kernels_are_costed_for_the_tiles_they_run():
+    """A causal flash call at T = 2048 runs (T + 128) / 2T of FlopCounter's unmasked count;
+    a non-causal call, or any other op, all of it."""
+    pytest.importorskip("torch")
+    code = """
+import torch, json, sys
+sys.path.insert(0, sys.argv[1])
+import sim_gpu
+q = torch.empty(1, 16, 2048, 128, dtype=torch.bfloat16, device="meta")
+flash = torch.ops.aten._scaled_dot_product_flash_attention.default
+print(json.dumps([sim_gpu.causal_fraction(flash, (q, q, q, 0.0, True), {}),
+                  sim_gpu.causal_fraction(flash, (q, q, q), {"is_causal": False}),
+                  sim_gpu.causal_fraction(torch.ops.aten.mm.default, (q, q), {})]))
+"""
+    run = finish([sys.executable, "-c", code, str(REPO / "bench")], cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == [(2048 + 128) / 4096, 1.0, 1.0]
 
 
 def test_sdpa_choice_follows_the_sm90_rules():
@@ -99,3 +121,53 @@ print(json.dumps(out))
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == ["flash", "efficient", "efficient", "efficient",
                                       "efficient"]
+
+
+def test_recomputed_weight_casts_train_alike_and_are_not_saved():
+    """compile_model(recompute_casts=True) under bf16 autocast: the layer graph's backward
+    gets the fp32 weights (resident anyway), no bf16 copy of a weight, and loss and
+    gradients equal the layers compiled without it (the same partitioner inductor uses)."""
+    torch = pytest.importorskip("torch")
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    from configs.training_config import preset
+    from utils.torch_engine.compiling import compile_model
+    from utils.torch_engine.model import build_model
+
+    def run(recompute: bool) -> tuple[float, dict, list]:
+        saved: list = []
+
+        def keep_fwd(gm, _inputs):
+            return make_boxed_func(gm.forward)
+
+        def keep_bwd(gm, _inputs):
+            saved.extend(n.meta["val"] for n in gm.graph.nodes
+                         if n.op == "placeholder" and not n.name.startswith("tangents"))
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model(preset("smoke"), {"vocab_size": 256})
+        backend = aot_autograd(fw_compiler=keep_fwd, bw_compiler=keep_bwd,
+                               partition_fn=min_cut_rematerialization_partition)
+        compile_model(model, "layers", backend=backend, recompute_casts=recompute)
+        ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}, saved
+
+    loss, grads, saved = run(False)
+    loss_r, grads_r, saved_r = run(True)
+    weights = {(256, 256), (768, 256), (1024, 256), (256, 1024)}  # h256: dense, QKV, MLP
+
+    def saved_weights(tensors: list, dtype) -> set:
+        return {tuple(t.shape) for t in tensors if t.dtype == dtype} & weights
+
+    assert saved_weights(saved, torch.bfloat16) == weights  # autocast's casts, saved
+    assert saved_weights(saved_r, torch.bfloat16) == set()
+    assert saved_weights(saved_r, torch.float32) == weights  # the resident fp32 weights
+    assert loss_r == loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, atol=0, rtol=0)
