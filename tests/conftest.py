@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by what it uses, then order the slow ones first: with several workers
+    """Mark each test by what it uses and group the users of a module fixture, then order
+    the slow ones first: with several workers
     the long runs start at once and the short tests fill the gaps at the end, instead of a
     long run starting last on one worker while the other idles."""
     for item in items:
@@ -44,7 +45,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("distributed")
         if file == "test_slurm.py":
             item.add_marker("slurm")
+        if _uses_a_module_fixture(item):  # made once: its users share a worker
+            item.add_marker(pytest.mark.xdist_group(file))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test needs a module-scoped fixture (a reference run, a prepared dataset):
+    tests that share one go to one worker (``--dist loadgroup``), which makes it once."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest keeps no public accessor for this
+    return info is not None and any(d.scope == "module" for defs in
+                                    info.name2fixturedefs.values() for d in defs)
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +78,39 @@ def gcs_bucket(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> st
 REPO = Path(__file__).resolve().parent.parent
 
 
+def made_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder made by ``make`` once per test run: the pytest-xdist workers share it (the
+    first to ask makes it under a lock, the others wait for it) instead of each making its
+    own."""
+    import fcntl
+    import os
+    import shutil
+
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's
+    target, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            make(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ~1 MB real-text corpus prepared once per session; returns its data directory."""
+    """A ~1 MB real-text corpus prepared once per test run; returns its data directory."""
     import subprocess
 
-    root = tmp_path_factory.mktemp("sample")
-    subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(root / "data"),
-                    "--tokenizer-out", str(root / "tokenizer"), "--max-mb", "1"],
-                   cwd=REPO, check=True, capture_output=True)
-    return root / "data"
+    def prepare(root: Path) -> None:
+        subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(root / "data"),
+                        "--tokenizer-out", str(root / "tokenizer"), "--max-mb", "1"],
+                       cwd=REPO, check=True, capture_output=True)
+
+    return made_once(tmp_path_factory, "sample", prepare) / "data"
 
 
 def run_train(*args: str, tmp_path: Path, env: dict | None = None, script: str = "train.py"):
@@ -94,15 +128,17 @@ def run_train(*args: str, tmp_path: Path, env: dict | None = None, script: str =
 @pytest.fixture(scope="session")
 def tiny_base(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 30-step smoke checkpoint (config.json, model.safetensors, tokenizer, marker): the base
-    of the LoRA tests on both backends."""
+    of the LoRA tests on both backends; made once per test run."""
     from utils.checkpoint import find_complete
 
-    tmp = tmp_path_factory.mktemp("base")
-    result = run_train("--config", "smoke", "--data-dir", str(sample_data), "--bucket", "",
-                       "--output-dir", str(tmp / "out"), "--seq-len", "64", "--max-steps", "30",
-                       "--save-steps", "30", "--learning-rate", "3e-3", tmp_path=tmp)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return find_complete(tmp / "out" / "checkpoints")[-1]
+    def train(tmp: Path) -> None:
+        result = run_train("--config", "smoke", "--data-dir", str(sample_data), "--bucket", "",
+                           "--output-dir", str(tmp / "out"), "--seq-len", "64",
+                           "--max-steps", "30", "--save-steps", "30", "--learning-rate", "3e-3",
+                           tmp_path=tmp)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    return find_complete(made_once(tmp_path_factory, "base", train) / "out" / "checkpoints")[-1]
 
 
 @pytest.fixture(scope="session")

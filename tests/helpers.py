@@ -121,7 +121,7 @@ class Watched:
         return now - self._progress_at > STALL_S
 
     def wait_for(self, condition: Callable[[], bool], what: str, within: float | None = None,
-                 poll_s: float = 0.01, others: tuple[Watched, ...] = ()) -> None:
+                 poll_s: float = 0.02, others: tuple[Watched, ...] = ()) -> None:
         """Poll until condition() holds. Fails naming ``what`` if this process (or one of
         ``others`` started with it) ends first, if it stalls, or past ``within`` seconds
         where the test claims a bound (a stop that must be quick); everything is then
@@ -132,7 +132,7 @@ class Watched:
             ended = [w for w in group if w.proc.poll() is not None]
             late = deadline is not None and time.monotonic() > deadline
             stuck = [w for w in group if w.stalled()]
-            if ended or late or stuck:
+            if (ended or late or stuck) and not condition():  # it may hold by now
                 for w in group:
                     w.kill()
                 why = (f"exited ({ended[0].proc.returncode})" if ended else
@@ -144,8 +144,15 @@ class Watched:
 
     def wait(self, within: float | None = None) -> int:
         """Wait for the exit (a hang fails, see STALL_S; ``within``: a claimed bound)."""
+        def ended() -> bool:
+            try:
+                self.proc.wait(0.2)  # sleeps in the kernel, unlike a poll loop
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+
         if self.proc.poll() is None:
-            self.wait_for(lambda: self.proc.poll() is not None, "its end", within)
+            self.wait_for(ended, "its end", within, poll_s=0.0)
         return self.proc.returncode
 
 
