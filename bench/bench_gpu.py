@@ -177,6 +177,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         data_dir=spec["data_dir"], bucket="", sync_data=False, max_files=0,
         output_dir=spec["output_dir"], eval_windows=8, max_steps=10000,
         per_device_train_batch_size=variant.micro_batch, gradient_accumulation_steps=accum,
+        auto_micro_batch=False,  # each variant's micro-batch as given
         mixed_precision="bf16", compile=variant.compile, compile_scope=variant.compile_scope,
         attention=variant.attention, loss_chunk_tokens=variant.loss_chunk_tokens,
         fp8=variant.fp8, num_workers=spec["num_workers"])

@@ -204,6 +204,24 @@ TEXT_VALUES: dict[str, str] = {
 }
 
 
+AUTO = "auto"
+# Int flags that also take a word, and what the word turns on.
+WORDS: dict[str, tuple[str, str]] = {
+    "per_device_train_batch_size": (AUTO, "auto_micro_batch"),
+}
+
+
+def int_or_word(word: str) -> Callable[[str], int | str]:
+    """An argparse ``type=`` taking a whole number or ``word``: "abc" or "nan" is argparse's
+    one-line "invalid" error; the number's range is checked with the other fields'."""
+
+    def parse(text: str) -> int | str:
+        return word if text.strip().lower() == word else int(text)
+
+    parse.__name__ = f"int (or {word})"
+    return parse
+
+
 class FlagDoc(NamedTuple):
     """One flag as ``--help`` and the README's flag reference describe it."""
 
@@ -229,6 +247,8 @@ def describe(field: Field, kind: object) -> FlagDoc:
     names = (flag, "--no-" + flag[2:]) if kind is bool else (flag,)
     if kind in (int, float):
         values = RANGES[field.name].rule()
+        if field.name in WORDS:
+            values += f", or {WORDS[field.name][0]}"
     elif typing.get_origin(kind) is typing.Literal:
         values = ", ".join(typing.get_args(kind))
     else:
@@ -290,7 +310,8 @@ def build_parser(prog: str = "train.py", preset: str = DEFAULT_PRESET) -> argpar
         elif choices:
             group.add_argument(doc.names[0], choices=choices, default=None, help=text)
         else:
-            group.add_argument(doc.names[0], type=kind, default=None,
+            parse = int_or_word(WORDS[field.name][0]) if field.name in WORDS else kind
+            group.add_argument(doc.names[0], type=parse, default=None,
                                metavar=field.name.upper(), help=text)
     return parser
 
@@ -311,7 +332,7 @@ def parse_args(argv: list[str] | None = None,
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainingConfig)
                  if getattr(args, f.name) is not None}
-    config = replace(PRESETS[args.config], **overrides)
+    config = replace(PRESETS[args.config], **with_words(overrides))
     if not config.bucket and config.sync_data:
         config.bucket = os.environ.get(BUCKET_ENV, "")
     try:
@@ -319,6 +340,19 @@ def parse_args(argv: list[str] | None = None,
     except ConfigError as err:
         parser.exit(2, f"{prog}: error: {err}\n")
     return config, args
+
+
+def with_words(overrides: dict[str, object]) -> dict[str, object]:
+    """A flag's word (:data:`WORDS`) becomes the switch it names; a number given to that flag
+    turns the switch off, unless the switch's own flag was given too."""
+    out = dict(overrides)
+    for name, (word, switch) in WORDS.items():
+        if out.get(name) == word:
+            del out[name]
+            out[switch] = True
+        elif name in out and switch not in overrides:
+            out[switch] = False
+    return out
 
 
 def validate(config: TrainingConfig, preset_name: str = "") -> None:
@@ -353,6 +387,11 @@ def validate(config: TrainingConfig, preset_name: str = "") -> None:
                           "--stage sft or dpo")
     if config.stage != "pretrain" or config.topics:
         validate_lora(config)
+    if config.auto_micro_batch and (config.backend != "torch" or config.stage != "pretrain"
+                                    or config.topics):
+        raise ConfigError("--per-device-train-batch-size auto (--auto-micro-batch) is for torch "
+                          "pretraining: give the micro-batch as a number, or drop --backend "
+                          "mlx / the fine-tuning stage")
 
 
 def check_numbers(config: TrainingConfig) -> None:

@@ -194,9 +194,14 @@ class TrainingConfig:
     max_steps: int = OPTIM(200, "optimizer steps to train; the learning rate decays to it")
     per_device_train_batch_size: int = OPTIM(
         8, "sequences per process per micro-batch (GRPO: prompts, each sampled "
-           "--grpo-group-size times)")
+           "--grpo-group-size times); auto = --auto-micro-batch")
     gradient_accumulation_steps: int = OPTIM(
         1, "micro-batches accumulated into each optimizer step")
+    auto_micro_batch: bool = OPTIM(
+        False, "torch pretraining: run each step's sequences (per device x accumulation, "
+               "what the data position counts) in the largest micro-batches that fit the "
+               "device: a start-up probe on CUDA, an estimate elsewhere; printed in the "
+               "banner. --per-device-train-batch-size auto turns it on, a number off")
     learning_rate: float = OPTIM(
         3e-4, "peak learning rate, reached after --warmup-steps, then cosine decay")
     min_lr_ratio: float = OPTIM(
@@ -368,6 +373,7 @@ PRESETS: dict[str, TrainingConfig] = {
     "production": TrainingConfig(
         run_name="production", model="neox-1.2b", seq_len=2048, sync_data=True,
         max_steps=10000, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        auto_micro_batch=True,  # 16 sequences per step as before, 8 x 2 on an H100
         learning_rate=2e-4, warmup_steps=500, save_steps=500, logging_steps=100,
         eval_steps=500, mixed_precision="bf16", compile=True, num_workers=4, prefetch_factor=4,
     ),

@@ -36,9 +36,11 @@ from utils.torch_engine.compiling import compile_model
 from utils.torch_engine.fp8 import fp8_unavailable, to_float8
 from utils.torch_engine.loader import make_torch_loader
 from utils.torch_engine.losses import rollout_logps
+from utils.torch_engine.micro_batch import BUDGET, Dims, MicroBatch, by_estimate, probe, regroup
 from utils.torch_engine.model import (
     build_model,
     compile_unavailable,
+    device_memory_gib,
     device_peak_flops,
     memory_gib,
 )
@@ -86,6 +88,7 @@ class TorchEngine:
         if reason:  # before any data is read or synced
             raise ConfigError(f"--fp8 cannot run here: {reason}; drop --fp8")
         self._compile_started: float | None = None
+        self.split: MicroBatch | None = None  # --per-device-train-batch-size auto's choice
 
     # ------------------------------------------------------------------ processes
 
@@ -157,12 +160,61 @@ class TorchEngine:
                                grpo_temperature=config.grpo_temperature)
         self.staging = checkpoint_io.HostStaging()  # this stage's model: its own buffers
         self.reset_interval()
+        self.split = self._micro_batch(task, config, Dims(
+            trainable, hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size))
         total, non_embedding = count_parameters(hf_config)
         return ModelInfo(
             total, non_embedding, trainable, hf_config.num_hidden_layers, hf_config.hidden_size,
             hf_config.vocab_size, device_peak_flops(self.device, config.peak_tflops),
             f"torch on {self.device}, mixed precision {config.mixed_precision}, "
-            f"compile {compiled}")
+            f"compile {compiled}" + (f"; micro-batch {self.split.size} x "
+                                     f"{self.split.accumulation} accumulation (auto: "
+                                     f"{self.split.how})" if self.split else ""))
+
+    def _micro_batch(self, task: Task, config: TrainingConfig, dims: Dims) -> MicroBatch | None:
+        """``--per-device-train-batch-size auto`` (pretraining): the split each step runs,
+        the step's sequences unchanged (``utils.torch_engine.micro_batch``). A CUDA device
+        is probed from the estimate's choice down (FSDP, whose forward gathers weights
+        collectively, and other devices take the estimate)."""
+        if not config.auto_micro_batch or task.stage != "pretrain" or task.base_path:
+            return None
+        sequences = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        memory = device_memory_gib(self.device)
+        chosen = by_estimate(dims, sequences, config.seq_len, config.mixed_precision != "no",
+                             config.loss_chunk_tokens, memory)
+        if (self.device.type == "cuda"
+                and self.accelerator.distributed_type != DistributedType.FSDP):
+            first = chosen.size
+            chosen = probe(partial(self._fits, config.seq_len, sequences, dims.params, memory),
+                           sequences, first, self.accelerator.print, memory)
+            if chosen.size != first:  # layers compiled for a size tried and given up
+                torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.accelerator.gradient_accumulation_steps = chosen.accumulation
+        return chosen
+
+    def _fits(self, seq_len: int, sequences: int, params: int, memory: float,
+              size: int) -> bool:
+        """Whether a micro-batch of ``size`` trains within the budget on every process: its
+        forward and backward (twice where the step accumulates, so gradients are alive as in
+        the later micro-batches) beside room for AdamW's moments; no RNG drawn, no weight
+        changed, the gradients dropped after."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        held: list[torch.Tensor] = []
+        try:
+            held.append(torch.empty(8 * params, dtype=torch.uint8, device=self.device))
+            ids = torch.zeros((size, seq_len + 1), dtype=torch.long, device=self.device)
+            with self.accelerator.no_sync(self.model):
+                for _ in range(1 if size == sequences else 2):
+                    self.loss(self.model, {"input_ids": ids})[0].backward()
+            ok = torch.cuda.max_memory_allocated(self.device) <= BUDGET * memory * 2**30
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        held.clear()
+        self.model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return self.all_sum([0.0 if ok else 1.0])[0] == 0
 
     def _compiled(self, model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         reason = compile_unavailable(self.device)
@@ -186,6 +238,8 @@ class TorchEngine:
         ``--grpo-epochs E`` makes E such updates over one rollout (``train_passes``), the
         schedule still counts loop steps. ``step`` needs no use here: the scheduler and the
         RNG states carry it."""
+        if self.split is not None:  # auto: the step's rows in the micro-batches that fit
+            micro_batches = regroup(micro_batches, self.split.accumulation)
         train_passes(self, self.task, micro_batches, target_count)
         self.scheduler.step()
         if self._compile_started is not None:

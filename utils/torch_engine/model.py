@@ -176,6 +176,14 @@ def device_peak_flops(device: torch.device, override_tflops: float = 0.0) -> flo
     return next((peak for key, peak in GPU_PEAK_BF16 if key in name), None)
 
 
+def device_memory_gib(device: torch.device) -> float:
+    """What training may fill: a CUDA device's total memory, elsewhere the host memory
+    available now (the CPU trains in it; --per-device-train-batch-size auto's estimate)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return psutil.virtual_memory().available / 2**30
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the process's resident set on other devices."""
     if device.type == "cuda":
