@@ -130,12 +130,12 @@ def _race(bucket: str, trial: Path, data: Path, order: tuple[str, str]) -> dict[
 
 @pytest.mark.slow
 def test_two_runs_of_one_name_started_together_never_mix(sample_data, gcs_bucket, tmp_path):
-    """Started together (both orders), exactly one run trains; the other refuses at start
+    """Started together (in both orders), exactly one run trains; the other refuses at start
     with one line (the live holder, or the checkpoints it left), and every checkpoint in the
-    bucket is the winner's."""
+    bucket is the winner's. (The lease race itself is repeated below with light processes.)"""
     store = open_store(gcs_bucket, retry_deadline_s=20)
     prefix = "checkpoints/same"
-    for attempt, order in enumerate(([("a", "b"), ("b", "a")] * 3)[:5]):
+    for attempt, order in enumerate([("a", "b"), ("b", "a")]):
         trial = tmp_path / f"trial{attempt}"
         trial.mkdir()
         runs = _race(gcs_bucket, trial, sample_data, order)
