@@ -124,6 +124,8 @@ def regroup(micro_batches: list[dict], accumulation: int) -> list[dict]:
               for key, values in ((k, [b[k] for b in micro_batches])
                                   for k in micro_batches[0])}
     rows = len(next(iter(merged.values())))
+    if rows % accumulation:  # not a whole step (a preflight's single batch): as it came
+        return micro_batches
     size = rows // accumulation
     return [{key: value[i * size:(i + 1) * size] for key, value in merged.items()}
             for i in range(accumulation)]
