@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test by what it uses and group the users of a module fixture, then order
-    the slow ones first: with several workers
+    the files with the most slow tests first: with several workers
     the long runs start at once and the short tests fill the gaps at the end, instead of a
     long run starting last on one worker while the other idles."""
     for item in items:
@@ -47,7 +47,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("slurm")
         if _uses_a_module_fixture(item):  # made once: its users share a worker
             item.add_marker(pytest.mark.xdist_group(file))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    # Whole files, most slow tests first: a file's tests stay together, so its module
+    # fixtures are made once (a file split up would make them again).
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def _uses_a_module_fixture(item: pytest.Item) -> bool:

@@ -73,7 +73,7 @@ def mlx_out(sample_data: Path, gcs_emulator: GcsEmulator,
             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """`train.py --backend mlx`: 40 steps, checkpoints at 20 and 40 uploaded to the emulator."""
     tmp = tmp_path_factory.mktemp("mlx")
-    bucket = gcs_emulator.create_bucket("mlx-pretrain")
+    bucket = gcs_emulator.create_bucket(f"mlx-pretrain-{tmp.name}")
     run = train(tmp, "mlx", [*MLX, *_args(sample_data, tmp / "out", "--max-steps", "40",
                                           "--save-steps", "20", "--eval-steps", "20",
                                           bucket=bucket)],

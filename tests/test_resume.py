@@ -225,8 +225,10 @@ def test_kill_9_at_any_moment_never_leaves_a_bad_complete_checkpoint(sample_data
         run.wait_for(lambda s=start: last_step(out) > s, "a first step", poll_s=0.02)
         if moment in ("writing", "uploading"):
             _kill_during(run, writing if moment == "writing" else uploading, moment)
-        else:  # past a save point first, so a slow (loaded) machine still makes progress
-            run.wait_for(lambda s=start: last_step(out) > s + 3, "a save point", poll_s=0.02)
+        else:  # past a new complete checkpoint first: a loaded machine still makes progress
+            before = [c.name for c in checkpoint.find_complete(root)]
+            run.wait_for(lambda b=before: [c.name for c in checkpoint.find_complete(root)] != b,
+                         "a new complete checkpoint", poll_s=0.02)
             time.sleep(float(moment.split()[1]))
             run.signal(signal.SIGKILL)
         assert run.wait() == -signal.SIGKILL
@@ -239,7 +241,9 @@ def test_kill_9_at_any_moment_never_leaves_a_bad_complete_checkpoint(sample_data
 
 @pytest.mark.slow
 def test_bucket_dying_mid_upload_does_not_stop_training(sample_data, tmp_path, monkeypatch):
-    """The emulator is killed during a checkpoint upload and comes back 4 s later."""
+    """The emulator is killed during a checkpoint upload and comes back once training has
+    gone on by two steps."""
+    steps = 30
     emulator = GcsEmulator(tmp_path / "gcs", backend="filesystem")
     emulator.start()
     bucket = emulator.create_bucket("persistent")
@@ -250,17 +254,19 @@ def test_bucket_dying_mid_upload_does_not_stop_training(sample_data, tmp_path, m
         emulator.kill()
         seen["down"] = last_step(out)
 
-        def back() -> None:
+        def back() -> None:  # once training has gone on (not after a fixed clock)
+            while last_step(out) < min(seen["down"] + 2, steps):
+                time.sleep(0.05)
             seen["up"] = last_step(out)
             emulator.start()
 
-        threading.Timer(4.0, back).start()
+        threading.Thread(target=back, daemon=True).start()
 
     # upload_id=: the data request of a resumable upload (model/optimizer files > 8 MiB).
     proxy = FaultProxy(emulator.url, [outage], match="upload_id=")
     proxy.start()
     try:
-        run = train(tmp_path, "run", _args(sample_data, out, bucket, "--max-steps", "30",
+        run = train(tmp_path, "run", _args(sample_data, out, bucket, "--max-steps", str(steps),
                                            "--save-steps", "10"),
                     env={"STORAGE_EMULATOR_HOST": proxy.url})
         assert run.proc.returncode == 0, run.stderr[-3000:]
