@@ -59,6 +59,23 @@ def clean_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def ring_ports() -> list[str]:
+    """``--starting-port P`` for ``mlx.launch --backend ring -n 2`` with P and P + 1 free: its
+    default port is fixed, and two ring jobs at once (test workers) would meet on it."""
+    import socket
+
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return ["--starting-port", str(port)]
+
+
 class Watched:
     """A real process in its own session (a failed test ends it and all it started), output
     to files so a test can watch it while it runs. ``merge_output`` sends stderr to stdout."""

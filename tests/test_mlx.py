@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from gcs_emulator import GcsEmulator
-from helpers import REPO, TINY, Run, finish, last_step, metrics, remote_problems, train
+from helpers import REPO, TINY, Run, finish, last_step, metrics, remote_problems, ring_ports, train
 from mlx.utils import tree_flatten, tree_unflatten
 from transformers import GPTNeoXForCausalLM
 
@@ -234,7 +234,7 @@ def test_mlx_ranks_broadcast_a_listing_sized_object(tmp_path):
     script.write_text(BROADCAST)
     done = finish(
         [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2",
-         sys.executable, str(script), str(REPO)],
+         *ring_ports(), sys.executable, str(script), str(REPO)],
         env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(re.findall(r"rank (\d) received 5000", done.stdout)) == ["0", "1"]
@@ -247,7 +247,8 @@ def test_two_mlx_launch_ranks_train_like_one_process_with_the_same_global_batch(
     out = tmp_path / "out"
     launcher = Path(sys.executable).parent / "mlx.launch"
     done = finish(
-        [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *TINY,
+        [str(launcher), "--backend", "ring", "-n", "2", *ring_ports(), sys.executable,
+         "mlx_train.py", *TINY,
          *_args(sample_data, out, "--max-steps", "10", "--save-steps", "10",
                 "--per-device-train-batch-size", "2")],
         cwd=REPO,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
-from helpers import finish, metrics
+from helpers import finish, metrics, ring_ports
 from lora_data import (
     LORA,
     PAIRS,
@@ -244,7 +244,8 @@ def test_two_mlx_ranks_run_sft_and_a_curriculum_like_one_process(tiny_base, tmp_
     assert single.returncode == 0, single.stderr[-3000:]
     launcher = Path(sys.executable).parent / "mlx.launch"
     ranks = finish(
-        [str(launcher), "--backend", "ring", "-n", "2", sys.executable, "mlx_train.py", *args,
+        [str(launcher), "--backend", "ring", "-n", "2", *ring_ports(), sys.executable,
+         "mlx_train.py", *args,
          "--output-dir", str(two), "--per-device-train-batch-size", "2"],
         cwd=REPO, env=env)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
