@@ -111,6 +111,7 @@ def test_auto_and_numbers_turn_the_switch_on_and_off():
                     "mlx"])
 
 
+@pytest.mark.slow
 def test_a_training_run_with_auto_equals_the_configured_split(sample_data: Path,
                                                               tmp_path: Path):
     """Smoke training, 4 x 2 sequences per step: auto runs them as one micro-batch of 8 (the

@@ -83,6 +83,7 @@ def mlx_out(sample_data: Path, gcs_emulator: GcsEmulator,
     return tmp / "out", bucket
 
 
+@pytest.mark.slow
 def test_mlx_pretraining_learns_and_logs_like_torch(mlx_out):
     out, _ = mlx_out
     records = metrics(out)
@@ -98,6 +99,7 @@ def test_mlx_pretraining_learns_and_logs_like_torch(mlx_out):
     assert list((out / "logs" / RUN).glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_mlx_checkpoints_are_complete_uploaded_and_counted_only_with_a_marker(
         mlx_out, gcs_emulator, monkeypatch, tmp_path):
     out, bucket = mlx_out
@@ -121,6 +123,7 @@ def test_mlx_checkpoints_are_complete_uploaded_and_counted_only_with_a_marker(
     assert [p.name for p in checkpoint.find_complete(copy)] == [_checkpoint(out, 20).name]
 
 
+@pytest.mark.slow
 def test_mlx_checkpoint_loads_in_transformers_and_mlx_lm_with_the_same_logits(mlx_out):
     from mlx_lm.utils import load_model
 
@@ -133,11 +136,13 @@ def test_mlx_checkpoint_loads_in_transformers_and_mlx_lm_with_the_same_logits(ml
     assert np.array_equal(np.array(model(ids)), np.array(load_pretrained(ckpt)[0](ids)))
 
 
+@pytest.mark.slow
 def test_torch_checkpoint_loads_in_mlx_with_the_same_logits(torch_out):
     expected, got = _logits(_checkpoint(torch_out, 10))
     assert np.abs(expected - got).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_torch_checkpoint_resumes_in_mlx(sample_data, torch_out, tmp_path):
     """Same weights, Adam moments, step and data position: MLX continues torch's run."""
     out = tmp_path / "out"
@@ -190,6 +195,7 @@ def test_sigterm_saves_and_the_resumed_run_is_bit_for_bit_the_uninterrupted_one(
         assert [r.get(key) for r in got] == [r.get(key) for r in expected], key
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights(sample_data, mlx_out, tmp_path):
     out = tmp_path / "out"
     run = train(tmp_path, "bf16", [*MLX, *_args(sample_data, out, "--max-steps", "2",
@@ -309,6 +315,7 @@ def test_configs_mlx_lm_cannot_run_are_refused_in_one_line():
     assert model_args(config).rotary_pct == MODEL_SIZES["tiny"].rotary_pct
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_size_is_one_line(mlx_out):
     small = build_model(to_hf_config(MODEL_SIZES["small"], vocab_size=2048).to_dict(), seed=0)
     optimizer = build_optimizer(1e-3, 0.1, (0.9, 0.95), 1e-8)
@@ -317,6 +324,7 @@ def test_resuming_with_another_model_size_is_one_line(mlx_out):
     assert "\n" not in str(err.value) and "--model" in str(err.value)
 
 
+@pytest.mark.slow
 def test_torch_refuses_to_resume_an_mlx_checkpoint_in_one_line(sample_data, mlx_out, tmp_path):
     """Weights are shared, optimizer states are not: torch says which backend wrote it."""
     out = tmp_path / "out"
