@@ -335,12 +335,19 @@ def _group_cost(members, source, root) -> tuple[int, int, int]:
         if any(source(u) is None or source(u) not in inside for u in _consumers(n)):
             writes[n] = n.meta.get("val")
     touched = [t for v in list(reads.values()) + list(writes.values()) for t in _tensors(v)]
-    big = sum(1 for t in touched if t.numel() == _CHUNK_NUMEL[0])
+    big = sum(1 for t in touched if _is_loss_chunk(t))
     return 0, _nbytes(list(reads.values())) + _nbytes(list(writes.values())), big
 
 
 RECOMPUTE_CASTS = [False]  # --recompute-casts: compile_model's recompute_casts, measured
-_CHUNK_NUMEL = [-1]  # a loss chunk's logits: a tensor this size is a pass (set per run)
+_LOSS_CHUNK = [(-1, -1)]  # (elements, vocab) of a loss chunk's logits (set per run)
+
+
+def _is_loss_chunk(t) -> bool:
+    """A loss chunk's logits or their gradient: that many elements, vocab-sized rows (the LM
+    head's weight has as many elements when a chunk's tokens equal the hidden size)."""
+    elements, vocab = _LOSS_CHUNK[0]
+    return t.numel() == elements and t.dim() > 0 and t.shape[-1] == vocab
 
 
 def _consumers(n) -> list:
@@ -421,7 +428,7 @@ class Recorder:
         self.flops += _flops(func, args, kwargs, out)
         if self.region is None:
             big = 0 if name in MATMULS else sum(1 for t in cuda_in + outs
-                                                if t.numel() == _CHUNK_NUMEL[0])
+                                                if _is_loss_chunk(t))
             cost = (_kernel_flops(func, args, kwargs, out), _eager_bytes(func, args, kwargs, out),
                     big)
             if cost[1] or cost[0]:
@@ -598,8 +605,9 @@ def run_size(preset_name: str, micro_batch: int, sequences: int, layers: int,
             config, model, optimizer = build(preset_name, micro_batch,
                                              max(1, sequences // micro_batch), layers, seq,
                                              recorder)
-            _CHUNK_NUMEL[0] = min(config.loss_chunk_tokens or 1 << 40,
-                                  micro_batch * config.seq_len) * model.config.vocab_size
+            vocab = model.config.vocab_size
+            _LOSS_CHUNK[0] = (min(config.loss_chunk_tokens or 1 << 40,
+                                  micro_batch * config.seq_len) * vocab, vocab)
             optimizer_step(model, optimizer, config, recorder)
             recorder.reset()
             resident = recorder.allocated
