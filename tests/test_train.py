@@ -116,6 +116,9 @@ def test_compile_path_runs_on_cpu(sample_data, tmp_path):
                        "--save-steps", "3", "--compile", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running eager" not in result.stdout
+    # The compile time reported is the first step's own (printed once), not the set-up's.
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("torch.compile: the first")]
+    assert line.endswith("(compiling included)")
     assert len(metrics(out)) == 3 and find_complete(out / "checkpoints")
 
 

@@ -87,7 +87,8 @@ class TorchEngine:
         reason = fp8_unavailable(self.device) if config.fp8 else None
         if reason:  # before any data is read or synced
             raise ConfigError(f"--fp8 cannot run here: {reason}; drop --fp8")
-        self._compile_started: float | None = None
+        self._compiling = False  # compiled, first step not yet run: its time is reported
+        self._probe_s = 0.0  # the micro-batch probe's time (it compiles the layers first)
         self.split: MicroBatch | None = None  # --per-device-train-batch-size auto's choice
 
     # ------------------------------------------------------------------ processes
@@ -184,12 +185,13 @@ class TorchEngine:
                              config.loss_chunk_tokens, memory)
         if (self.device.type == "cuda"
                 and self.accelerator.distributed_type != DistributedType.FSDP):
-            first = chosen.size
+            first, started = chosen.size, time.perf_counter()
             chosen = probe(partial(self._fits, config.seq_len, sequences, dims.params, memory),
                            sequences, first, self.accelerator.print, memory)
             if chosen.size != first:  # layers compiled for a size tried and given up
                 torch._dynamo.reset()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._probe_s = time.perf_counter() - started
         self.accelerator.gradient_accumulation_steps = chosen.accumulation
         return chosen
 
@@ -221,7 +223,7 @@ class TorchEngine:
         if reason:
             self.accelerator.print(f"torch.compile unavailable ({reason}); running eager")
             return model, "off"
-        self._compile_started = time.perf_counter()  # compiling happens in the first step
+        self._compiling = True  # compiling happens in the first step (or the probe)
         return compile_model(model, self.config.compile_scope)
 
     def batches(self, task: Task, sampler: BatchSampler) -> Iterator[Batch]:
@@ -238,21 +240,24 @@ class TorchEngine:
         ``--grpo-epochs E`` makes E such updates over one rollout (``train_passes``), the
         schedule still counts loop steps. ``step`` needs no use here: the scheduler and the
         RNG states carry it."""
+        started = time.perf_counter()
         if self.split is not None:  # auto: the step's rows in the micro-batches that fit
             micro_batches = regroup(micro_batches, self.split.accumulation)
         train_passes(self, self.task, micro_batches, target_count)
         self.scheduler.step()
-        if self._compile_started is not None:
-            self._report_compile_time()
+        if self._compiling:
+            self._report_compile_time(started)
 
-    def _report_compile_time(self) -> None:
-        """Once: the first step's time, nearly all of it compiling (synchronised to be true)."""
+    def _report_compile_time(self, step_started: float) -> None:
+        """Once: the first step's time, nearly all of it compiling (synchronised to be true),
+        and the start-up probe's, which compiles first where it runs."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        probed = f", the micro-batch probe before it {self._probe_s:.1f} s" if self._probe_s else ""
         self.accelerator.print(f"torch.compile: the first step took "
-                               f"{time.perf_counter() - self._compile_started:.1f} s "
-                               f"(compiling included)")
-        self._compile_started = None
+                               f"{time.perf_counter() - step_started:.1f} s"
+                               f"{probed} (compiling included)")
+        self._compiling = False
 
     def read_interval(self) -> tuple[dict[str, float], float]:
         means = {k: self.accelerator.reduce(v, reduction="mean").item()
