@@ -124,6 +124,8 @@ RANGES: dict[str, Range] = {
     "max_grad_norm": POSITIVE,
     "max_skipped_steps": count(0, "0 = act on the first"),
     "max_rollbacks": count(0, "0 = stop instead"),
+    "rollback_lr_factor": Range(0, 1, low_open=True, note="1 = unchanged"),
+    "rollback_lr_steps": count(0),
     "spike_zscore": Range(0, 1e6, note="0 = off"),
     "seed": Range(0, 2**32 - 1, note="numpy's seed range"),
     "loss_chunk_tokens": count(0, "0 = all at once"),

@@ -223,6 +223,12 @@ class TrainingConfig:
     max_rollbacks: int = OPTIM(
         2, "in-process rollbacks to the newest checkpoint of the run's line, the windows read "
            "since skipped, when updates keep failing (--max-skipped-steps); 0 = stop instead")
+    rollback_lr_factor: float = OPTIM(
+        1.0, "after a rollback, the learning rate is multiplied by this for "
+             "--rollback-lr-steps steps (kept across a resume); 1 = unchanged")
+    rollback_lr_steps: int = OPTIM(
+        100, "how many steps after a rollback the learning rate stays lowered "
+             "(--rollback-lr-factor)")
     seed: int = RUN(
         42, "seeds the model's initialisation, the data order and the held-out split")
     mixed_precision: Literal["bf16", "fp16", "no"] = MODEL(

@@ -24,6 +24,7 @@ from utils.checkpoint import TrainState, checkpoint_name
 from utils.checkpoint.format import read_trainer_state, write_trainer_state
 from utils.data import BatchSampler
 from utils.loop.engine import ModelInfo
+from utils.loop.schedule import Schedule
 from utils.stages.task import Task
 
 
@@ -78,6 +79,7 @@ class FakeEngine:
         self.run = 0
         self.reset_interval()
         self.seen: list[list[int]] = []  # the window indices of every step, in order
+        self.lrs: list[float] = []  # the learning rate each step applied, in order
 
     # collectives of one process
     def wait_for_everyone(self) -> None:
@@ -94,6 +96,7 @@ class FakeEngine:
 
     # the model
     def setup(self, task: Task, config: TrainingConfig) -> ModelInfo:
+        self.schedule = Schedule.of(config)
         return ModelInfo(total_params=100, non_embedding_params=80, trainable_params=100,
                          num_layers=2, hidden_size=8, vocab_size=task.vocab_size or 2048,
                          peak_flops=None, description="fake engine")
@@ -105,6 +108,7 @@ class FakeEngine:
     def train_step(self, micro_batches: list[dict], step: int,
                    target_count: float | None = None) -> None:
         self.seen.append([i for batch in micro_batches for i in batch["input_ids"]])
+        self.lrs.append(self.schedule.lr(step))  # as the engines: the step's rate
         loss = math.nan if self.poisoned & set(self.seen[-1]) else self.loss_at(step)
         if math.isfinite(loss):  # as the engines do: a non-finite update is skipped
             self.interval += loss

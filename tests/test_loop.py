@@ -22,6 +22,7 @@ from helpers import metrics
 from utils.checkpoint import find_complete, lineage
 from utils.errors import ConfigError, TrainingError
 from utils.loop.callbacks import Callback, Evaluation
+from utils.loop.schedule import Schedule
 from utils.loop.trainer import Trainer
 
 
@@ -120,6 +121,40 @@ def test_a_resume_after_a_rollback_continues_exactly(sample_data, tmp_path):
     Trainer(fake_config(sample_data, out, **settings, resume="latest", overwrite=False),
             second).run()
     assert first.seen + second.seen == whole.seen and second.weight == whole.weight
+
+
+def test_a_rollback_lowers_the_learning_rate_for_a_while_and_a_resume_keeps_it(sample_data,
+                                                                                tmp_path):
+    poisoned = _poison_steps(sample_data, tmp_path, range(5, 10))
+    settings = {"max_steps": 16, "save_steps": 4, "max_skipped_steps": 2,
+                "rollback_lr_factor": 0.5, "rollback_lr_steps": 6}
+    whole = FakeEngine(poisoned=poisoned)
+    summary = Trainer(fake_config(sample_data, tmp_path / "whole", **settings), whole).run()
+    assert summary["rollbacks"][0].endswith("; learning rate x0.5 until step 10")
+    (event,) = metrics(tmp_path / "whole", "rollback")
+    assert (event["step"], event["lr_factor"], event["lr_calm_until"]) == (4, 0.5, 10)
+    plain = Schedule.of(fake_config(sample_data, tmp_path, **settings))
+    plain.calm_factor = 1.0
+    # 8 steps at the plain rate, back to step 4, steps 4-9 at half of it, then plain again.
+    expected = [plain.lr(s) * (0.5 if n >= 8 and s < 10 else 1.0)
+                for n, s in enumerate([*range(8), *range(4, 16)])]
+    assert whole.lrs == pytest.approx(expected, rel=1e-12)
+
+    calls: list[int] = []  # stopped (SIGTERM) at step index 6 the second time: inside the calm
+
+    def stop_in_the_calm(step: int) -> None:
+        calls.append(step)
+        if calls.count(6) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "cut"
+    first = FakeEngine(poisoned=poisoned, on_step=stop_in_the_calm)
+    assert Trainer(fake_config(sample_data, out, **settings), first).run()["stopped_early"]
+    second = FakeEngine(poisoned=poisoned)
+    Trainer(fake_config(sample_data, out, **settings, resume="latest", overwrite=False),
+            second).run()
+    assert first.seen + second.seen == whole.seen
+    assert first.lrs + second.lrs == whole.lrs  # steps 7-9 after the resume: still halved
 
 
 def test_a_signal_saves_the_finished_steps_and_stops(sample_data, tmp_path):

@@ -149,18 +149,31 @@ def test_torch_rolls_back_past_poisoned_data_and_ends_near_a_clean_run(sample_da
     torch = pytest.importorskip("torch")
     from utils.torch_engine.engine import TorchEngine
 
+    applied: dict[str, list[float]] = {}  # the rate AdamW stepped with, step by step
+
     def run(out, poison: range | None) -> dict:
         config = fake_config(sample_data, out, max_steps=40, logging_steps=5, save_steps=10,
                              compile=False, mixed_precision="no", eval_windows=0,
-                             max_skipped_steps=2)
+                             max_skipped_steps=2, rollback_lr_factor=0.5, rollback_lr_steps=8)
         engine = TorchEngine(config)
         trainer = Trainer(config, engine)
         if poison is not None:
             _poison_stream(trainer, engine, poison, lambda v: torch.tensor(v))
+        rates, step = applied.setdefault(out.name, []), engine.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            rates.append(engine.optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        engine.optimizer.step = recording_step
         return trainer.run()
 
     clean = run(tmp_path / "clean", None)
     rolled = run(tmp_path / "rolled", range(12, 20))
+    # After the (last) rollback to step 10: steps 10-17 at half the rate, then the clean rate.
+    tail = applied["rolled"][-30:]
+    assert tail == pytest.approx([r * (0.5 if s < 18 else 1.0)
+                                  for s, r in enumerate(applied["clean"][10:], start=10)])
     print(f"final loss: clean {clean['final_loss']:.4f}, rolled back "
           f"{rolled['final_loss']:.4f}; {rolled['rollbacks']}")
     assert rolled["rollbacks"] and rolled["steps"] == 40

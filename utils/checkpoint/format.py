@@ -63,6 +63,9 @@ class TrainState:
     # this line, oldest first, ending with the checkpoint that holds this state.
     run_id: str = ""
     lineage: list[str] = field(default_factory=list)
+    # After a rollback with --rollback-lr-factor, the lower learning rate holds for the steps
+    # before this one (utils.loop.schedule.Schedule); 0: no such stretch.
+    lr_calm_until: int = 0
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from configs.training_config import TrainingConfig
 from utils.checkpoint import TrainState
 from utils.data import BatchSampler
+from utils.loop.schedule import Schedule
 from utils.processes import Processes
 from utils.stages.task import Batch, Task
 
@@ -54,6 +55,7 @@ class Engine(Processes, Protocol):
 
     where: str  # the summary's "on what": device and process count
     accelerated: bool  # a GPU (CUDA, Apple) rather than the CPU
+    schedule: Schedule  # made by setup(); the loop sets a rollback's calm on it
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over all processes (the values themselves for one process)."""

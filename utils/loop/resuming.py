@@ -103,4 +103,5 @@ def continue_from(state: TrainState, saved: TrainState, source: Path, say,
     state.run_ids = dict(saved.run_ids)  # trackers continue the same runs (W&B's id)
     state.run_id = saved.run_id or state.run_id  # the same run (checkpoints before run ids:
     state.lineage = list(saved.lineage) or [source.name]  # it gets one now)
+    state.lr_calm_until = saved.lr_calm_until  # a rollback's lower rate goes on
     say(f"resumed from {source} at step {state.step}")

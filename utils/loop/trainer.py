@@ -38,7 +38,6 @@ from utils.loop.resuming import continue_from, open_checkpoint_store, resolve_re
 from utils.loop.rollback import Rollback, roll_back
 from utils.loop.run_claim import claim_run, prepare_output_dir
 from utils.loop.saving import Saver, preemption_report
-from utils.loop.schedule import lr_factor
 from utils.loop.signals import PreemptionHandler
 from utils.loop.tracker import check_trackers
 from utils.loop.uploads import finish_uploads, uploads_survive_an_abort
@@ -186,6 +185,7 @@ class Trainer:
         if resume_from is not None:
             continue_from(state, self.engine.load(resume_from), resume_from, self.say,
                           allow_seed_change=config.allow_seed_change)
+            engine.schedule.calm_until = state.lr_calm_until
         elif config.resume:
             self.say("no complete checkpoint found: starting from scratch")
         return state
@@ -349,7 +349,8 @@ class Trainer:
         per_step = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                     * self.engine.num_processes)
         event = roll_back(self.engine, self.state, self.ckpt_root, self.store,
-                          f"checkpoints/{config.run_name}", run, per_step)
+                          f"checkpoints/{config.run_name}", run, per_step,
+                          config.rollback_lr_steps)
         self.rollbacks.append(event)
         self.rolled_back_steps += event.from_step - event.to_step
         self.say(event.line())
@@ -383,8 +384,7 @@ class Trainer:
         config, state, steps = self.config, self.state, self.interval_steps
         means = dict(means)
         # The LR of the next step (as torch's scheduler.get_last_lr() reports it).
-        lr = config.learning_rate * lr_factor(state.step, config.warmup_steps, config.max_steps,
-                                              config.min_lr_ratio)
+        lr = self.engine.schedule.lr(state.step)
         record = {"step": state.step, "loss": means.pop("loss"), "lr": lr,
                   "grad_norm": grad_norm, "epoch": state.position.epoch,
                   "tokens_seen": state.tokens_seen, **self.meter.read(),

@@ -34,7 +34,7 @@ from utils.checkpoint import TrainState
 from utils.data import BatchSampler
 from utils.errors import TrainingError
 from utils.loop.engine import ModelInfo
-from utils.loop.schedule import lr_factor
+from utils.loop.schedule import Schedule
 from utils.mlx_engine import checkpoint_io, lora, losses
 from utils.mlx_engine.dist import MlxProcesses
 from utils.mlx_engine.losses import rollout_logps, to_mx
@@ -132,6 +132,7 @@ class MlxEngine(MlxProcesses):
                                          (config.adam_beta1, config.adam_beta2),
                                          config.adam_epsilon)
         self.optimizer.init(self.params)  # the LR is set by hand each step
+        self.schedule = Schedule.of(config)
         self.task = task
         self.loss = stage_loss(losses, task.stage, config.dpo_beta, grpo_beta=config.grpo_beta,
                                grpo_epsilon=config.grpo_epsilon,
@@ -195,9 +196,7 @@ class MlxEngine(MlxProcesses):
                    target_count: float | None = None) -> None:
         """Accumulate, average over processes, clip, update; GRPO with ``--grpo-epochs E``:
         E such updates over one rollout (the learning rate is the step's for all of them)."""
-        config = self.config
-        self.optimizer.learning_rate = config.learning_rate * lr_factor(
-            step, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.optimizer.learning_rate = self.schedule.lr(step)
         train_passes(self, self.task, micro_batches, target_count,
                      before=partial(self._seed, step, len(micro_batches)))
 

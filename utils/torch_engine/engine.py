@@ -28,7 +28,7 @@ from utils.checkpoint import TrainState
 from utils.data import BatchSampler
 from utils.errors import ConfigError, TrainingError
 from utils.loop.engine import ModelInfo
-from utils.loop.schedule import lr_factor
+from utils.loop.schedule import Schedule
 from utils.stages.step import eval_value, stage_loss, train_passes
 from utils.stages.task import Batch, Task
 from utils.torch_engine import checkpoint_io, lora, losses
@@ -149,9 +149,9 @@ class TorchEngine:
         optimizer = build_adamw(model.to(self.device), config.learning_rate,
                                 config.weight_decay, (config.adam_beta1, config.adam_beta2),
                                 config.adam_epsilon)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-            lr_factor, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
-            min_ratio=config.min_lr_ratio))
+        self.schedule = Schedule.of(config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(  # kept: checkpoints hold its state
+            optimizer, lambda step: self.schedule.factor(step))
         model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.model, compiled = self._compiled(model) if config.compile else (model, "off")
         self.model.train()
@@ -241,6 +241,8 @@ class TorchEngine:
         schedule still counts loop steps. ``step`` needs no use here: the scheduler and the
         RNG states carry it."""
         started = time.perf_counter()
+        for group in self.optimizer.param_groups:  # the step's rate, a rollback's calm included
+            group["lr"] = group["initial_lr"] * self.schedule.factor(step)
         if self.split is not None:  # auto: the step's rows in the micro-batches that fit
             micro_batches = regroup(micro_batches, self.split.accumulation)
         train_passes(self, self.task, micro_batches, target_count)
