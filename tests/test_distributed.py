@@ -487,3 +487,23 @@ def test_sft_on_two_processes_or_with_accumulation_trains_like_one_batch(tiny_ba
         assert all(abs(got[s] - want[s]) < 1e-4 for s in want), (name, got, want)
         assert [m["tokens_seen"] for m in metrics(outs[name])] == [
             m["tokens_seen"] for m in metrics(outs["one"])]
+
+
+@pytest.mark.parametrize(("message", "said"), [
+    ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+     "by peer [10.77.0.2]:53985. This is typically caused by a remote worker crashing.",
+     "Connection closed by peer [10.77.0.2]:53985"),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [10.77.0.2]:29500: "
+     "Connection reset by peer", "Read error [10.77.0.2]:29500: Connection reset by peer"),
+])
+def test_a_lost_peer_is_one_line_naming_it(message: str, said: str) -> None:
+    """What gloo raises in a survivor (seen in tests/test_two_machines.py) becomes one line
+    with the peer's address and what to do; any other error stays a traceback (None)."""
+    from utils.torch_engine.peers import lost_peer
+
+    line = lost_peer(RuntimeError(message))
+    assert line is not None and line.startswith(f"lost another process of this job ({said}): ")
+    assert "--resume latest" in line and "\n" not in line
+    assert lost_peer(torch.distributed.DistBackendError("NCCL error: unhandled system error"))
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer(ValueError("by peer")) is None

@@ -120,6 +120,11 @@ class Engine(Processes, Protocol):
         """After the last stage of the run (torch: ends the process group)."""
         ...
 
+    def explain(self, err: Exception) -> str | None:
+        """One line for a backend error a user acts on rather than debugs (another process
+        of the job lost), or None: the error stays a traceback."""
+        ...
+
     def score(self, batch: dict[str, Any]) -> list[tuple[float, bool, int]]:
         """Downstream task rows (``utils.stages.downstream.pad_requests``), no gradient, inside
         ``evaluating()``: per row (summed log-prob of its continuation, whether every

@@ -36,6 +36,7 @@ def _exit_now() -> None:
 def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
         validate: bool = False) -> int:
     """Train (or ``--validate``) with the engine ``make_engine`` builds; the exit status."""
+    engine: Engine | None = None
     try:
         engine = make_engine(config)
         if validate:
@@ -54,5 +55,11 @@ def run(config: TrainingConfig, make_engine: Callable[[TrainingConfig], Engine],
         print(f"error: no space left on the device writing {err.filename or 'a file'}: free "
               f"space or pass another --output-dir, then --resume latest (complete checkpoints "
               f"are untouched)", file=sys.stderr)
+        return 1
+    except Exception as err:
+        line = engine.explain(err) if engine is not None else None
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
     return 0

@@ -330,6 +330,9 @@ class MlxEngine(MlxProcesses):
     def finish(self) -> None:
         return None
 
+    def explain(self, err: Exception) -> str | None:
+        return None  # MLX's ring backend has no error of its own for a lost peer to name
+
     # ------------------------------------------------------------------ downstream tasks
 
     def score(self, batch: dict[str, np.ndarray]) -> list[tuple[float, bool, int]]:

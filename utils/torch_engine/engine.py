@@ -45,6 +45,7 @@ from utils.torch_engine.model import (
     memory_gib,
 )
 from utils.torch_engine.optim import build_adamw
+from utils.torch_engine.peers import lost_peer
 from utils.torch_engine.scoring import score_batch, scoring_model
 
 
@@ -377,6 +378,9 @@ class TorchEngine:
 
     def finish(self) -> None:
         self.accelerator.end_training()
+
+    def explain(self, err: Exception) -> str | None:
+        return lost_peer(err) if self.num_processes > 1 else None
 
     # ------------------------------------------------------------------ downstream tasks
 
