@@ -146,6 +146,8 @@ RANGES: dict[str, Range] = {
     "upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "final_upload_timeout_s": Range(0, WEEK_S, note="seconds; at most a week"),
     "peak_tflops": Range(0, 1e6, note="0 = the built-in table"),
+    "collective_timeout_minutes": Range(0, WEEK_MINUTES, low_open=True,
+                                        note="minutes; at most a week"),
 }
 
 

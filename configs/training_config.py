@@ -248,6 +248,11 @@ class TrainingConfig:
                "sm89+ GPUs)")
     backend: Literal["torch", "mlx"] = RUN(
         "torch", "training engine: torch (accelerate: CPU, CUDA, DDP/FSDP) or mlx (MLX)")
+    collective_timeout_minutes: float = RUN(
+        60.0, "torch, several processes: how long one waits in a collective for the others "
+              "(another machine's data sync or checkpoint download, a stalled rank) before "
+              "the job stops with one line; torch's own default is 10 (NCCL), too short for a "
+              "large --sync-data")
     num_workers: int = DATA(0, "torch DataLoader worker processes per training process")
     prefetch_factor: int = DATA(
         2, "batches each DataLoader worker reads ahead (with --num-workers above 0)")

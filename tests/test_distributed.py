@@ -10,11 +10,9 @@ FSDP2 on gloo, sharded the way configs/accelerate/fsdp.yaml says.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import metrics
+from helpers import Watched, clean_env, metrics
 from lora_data import LORA, TRAIN_PAIRS, qa, write_jsonl
 
 from utils import checkpoint
@@ -56,32 +54,16 @@ class Result:
 
 
 def launch(cmd: list[str], tmp: Path, env: dict[str, str] | None = None,
-           name: str = "run") -> tuple[subprocess.Popen, Path]:
-    """Start from the repo root with one thread per process and temp files inside ``tmp``."""
-    (tmp / "tmpdir").mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp / "tmpdir"),
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    # An outer launcher's variables would join these runs to it; real credentials never apply.
-    for var in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
-                "LOCAL_RANK", "GOOGLE_APPLICATION_CREDENTIALS"):
-        full_env.pop(var, None)
-    full_env.update(env or {})
-    log = tmp / f"{name}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, log
+           name: str = "run") -> Watched:
+    """Start from the repo root with one thread per process and temp files inside ``tmp``
+    (a user's clean environment: an outer launcher's variables would join these runs to it)."""
+    return Watched(cmd, tmp, name, clean_env(tmp, **(env or {})), merge_output=True)
 
 
-def finish(started: tuple[subprocess.Popen, Path], timeout: float = 240) -> Result:
-    """Wait; past ``timeout`` kill the launcher's whole process group (its ranks too)."""
-    proc, log = started
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return Result(proc.returncode, log.read_text(errors="replace"))
+def finish(started: Watched) -> Result:
+    """Wait for the end (a hang fails, helpers.STALL_S; a loaded machine is only slower)."""
+    started.wait()
+    return Result(started.proc.returncode, started.stdout)
 
 
 def run(cmd: list[str], tmp: Path, env: dict[str, str] | None = None) -> Result:
@@ -296,22 +278,16 @@ def test_a_signal_to_one_rank_stops_every_rank_within_two_steps(tiny_data: Path,
                                                                  tmp_path: Path) -> None:
     """The stop flag is exchanged without a per-step sync and read a step late: a SIGTERM to
     rank 1 alone still stops both ranks after the same step, saved, exit 0."""
-    import time
 
-    import psutil
 
     out = tmp_path / "out"
     started = launch(accelerate_two(*TRAIN, "--bucket", "", "--data-dir", str(tiny_data),
                                     "--output-dir", str(out), "--max-steps", "400",
                                     "--save-steps", "1000", "--per-device-train-batch-size",
                                     "4"), tmp_path)
-    deadline = time.monotonic() + 180
-    while not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3:
-        assert started[0].poll() is None and time.monotonic() < deadline, \
-            started[1].read_text()[-3000:]
-        time.sleep(0.05)
-    rank1 = next(p for p in psutil.Process(started[0].pid).children(recursive=True)
-                 if p.environ().get("RANK") == "1")
+    started.wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3,
+                     "step 3", poll_s=0.05)
+    rank1 = next(p for p in started.family() if p.environ().get("RANK") == "1")
     seen = metrics(out)[-1]["step"]  # rank 1 is at most a step ahead of rank 0's log
     rank1.send_signal(signal.SIGTERM)
     result = ok(finish(started))
@@ -488,6 +464,39 @@ def test_sft_on_two_processes_or_with_accumulation_trains_like_one_batch(tiny_ba
         assert [m["tokens_seen"] for m in metrics(outs[name])] == [
             m["tokens_seen"] for m in metrics(outs["one"])]
 
+
+
+STALL = """import time
+
+from utils.loop.callbacks import Callback
+
+
+class Stall(Callback):
+    def post_step(self, trainer):
+        if trainer.engine.process_index == 1 and trainer.state.step == 3:
+            time.sleep(3600)
+"""
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_ends_the_job_after_the_collective_timeout(tiny_data: Path,
+                                                                  tmp_path: Path) -> None:
+    """Rank 1 stops answering after step 3 (a callback sleeps in it, as a hung read would):
+    rank 0 waits --collective-timeout-minutes (6 s here), then says so in one line and the
+    job ends, instead of waiting torch's own timeout or forever."""
+    (tmp_path / "stall.py").write_text(STALL)
+    started = launch(accelerate_two(*TRAIN, "--bucket", "", "--data-dir", str(tiny_data),
+                                    "--output-dir", str(tmp_path / "out"), "--max-steps", "400",
+                                    "--save-steps", "1000", "--per-device-train-batch-size", "4",
+                                    "--callbacks", f"{tmp_path / 'stall.py'}:Stall",
+                                    "--collective-timeout-minutes", "0.1"), tmp_path)
+    assert started.wait() != 0
+    (error,) = [x for x in started.stdout.splitlines() if x.startswith("error: ")]
+    assert error.startswith("error: lost another process of this job ("), error
+    # gloo: "Application timeout caused pair closure"
+    assert "timeout" in error.lower() and "--collective-timeout-minutes" in error, error
+    assert 'train.py", line' not in started.stdout
+    assert max(losses(tmp_path / "out")) <= 4  # it stopped where rank 1 did
 
 @pytest.mark.parametrize(("message", "said"), [
     ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "

@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from gcs_emulator import FaultProxy, GcsEmulator
-from helpers import finish
+from helpers import Watched, finish
 
 from utils.storage import CACHE_FILE, open_store, sync_up
 
@@ -214,18 +213,16 @@ def test_cli_sigterm_leftovers_are_removed_by_the_next_sync(
     proxy = FaultProxy(gcs_emulator.url, ["stall", "stall"], match="%2Fbig%2F")
     proxy.start()
     try:
-        proc = subprocess.Popen(
+        proc = Watched(
             [sys.executable, str(SCRIPT), "--no-progress", "--bucket", f"{gcs_bucket}/data",
              "--dest", str(dest), "--workers", "2"],
-            cwd=tmp_path, env=dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+            tmp_path, "download", dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url),
+            cwd=tmp_path)
         # Half of each file has arrived (all but the writer's last unflushed buffer).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _part_bytes(dest) < 2 * (2 * 2**20 - 2**16):
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == -signal.SIGTERM
+        proc.wait_for(lambda: _part_bytes(dest) >= 2 * (2 * 2**20 - 2**16), "half of each file",
+                      poll_s=0.1)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == -signal.SIGTERM
     finally:
         proxy.stop()
     left = _part_bytes(dest)

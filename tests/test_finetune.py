@@ -10,10 +10,7 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_train
-from helpers import finish, metrics
+from helpers import Watched, finish, metrics
 from lora_data import (
     HELD_OUT_PAIRS,
     LORA,
@@ -479,15 +476,12 @@ def test_curriculum_resumes_at_the_first_unfinished_stage(tiny_base, tmp_path):
         except (OSError, ValueError):
             return []
 
-    with open(tmp_path / "first.log", "wb") as log:  # killed once topic 1 is done
-        first = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
-                                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while len(finished()) < 2 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    assert finished() == ["01-small/sft", "01-small/dpo"], (tmp_path / "first.log").read_text()
+    first = Watched([sys.executable, "train.py", *args], tmp_path, "first", env,
+                    merge_output=True)  # killed once topic 1 is done
+    first.wait_for(lambda: len(finished()) >= 2, "topic 1's two stages")
+    first.kill()
+    first.proc.wait()
+    assert finished() == ["01-small/sft", "01-small/dpo"], first.stdout[-3000:]
     topic1 = {p: p.read_bytes() for p in (out / "01-small").rglob("*") if p.is_file()}
 
     second = run_train(*args, tmp_path=tmp_path)

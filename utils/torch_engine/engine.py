@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, extract_model_from_parallel, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    extract_model_from_parallel,
+    set_seed,
+)
 
 from configs.model_config import count_parameters, hf_config_for
 from configs.training_config import TrainingConfig
@@ -68,7 +74,9 @@ class TorchEngine:
         self.accelerator = Accelerator(
             cpu=_cpu_processes(), mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            step_scheduler_with_optimizer=False)  # stepped by hand, once per optimizer step
+            step_scheduler_with_optimizer=False,  # stepped by hand, once per optimizer step
+            kwargs_handlers=[InitProcessGroupKwargs(
+                timeout=timedelta(minutes=config.collective_timeout_minutes))])
         acc = self.accelerator
         if (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
                 and acc.distributed_type != DistributedType.FSDP):
