@@ -19,7 +19,7 @@ import pytest
 from fake_engine import FakeEngine, fake_config
 from helpers import metrics
 
-from utils.checkpoint import find_complete, lineage
+from utils.checkpoint import MARKER, choose_resume, find_complete, lineage
 from utils.errors import ConfigError, TrainingError
 from utils.loop.callbacks import Callback, Evaluation
 from utils.loop.schedule import Schedule
@@ -311,3 +311,21 @@ def test_a_loss_spike_is_an_event_and_a_smooth_run_has_none(sample_data, tmp_pat
     (event,) = metrics(tmp_path / "spiky", "spike")
     assert (event["step"], event["metric"], event["value"]) == (15, "loss", 50.0)
     assert event["zscore"] > 6
+
+
+def test_a_head_ahead_of_its_newest_marker_resumes_from_the_one_before(sample_data, tmp_path):
+    """The publisher moves the head before it writes the marker, so a kill between the two
+    leaves this: the head names step 8, whose marker never came. ``--resume latest`` walks
+    back along the head's line to step 4 (the other order lost a complete checkpoint the
+    head did not name, and the resume went a checkpoint further back)."""
+    out = tmp_path / "run"
+    Trainer(fake_config(sample_data, out, max_steps=8, save_steps=4), FakeEngine()).run()
+    root = out / "checkpoints"
+    step8 = root / "checkpoint-epoch0-step8-files1"
+    assert lineage.read_local(root)["checkpoint"] == step8.name
+    (step8 / MARKER).unlink()
+    assert choose_resume("latest", root).name == "checkpoint-epoch0-step4-files1"
+    second = FakeEngine()
+    Trainer(fake_config(sample_data, out, max_steps=10, save_steps=4, resume="latest",
+                        overwrite=False), second).run()
+    assert len(second.seen) == 6  # steps 5-10, after step 4's checkpoint

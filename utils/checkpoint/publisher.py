@@ -259,6 +259,13 @@ class CheckpointPublisher:
         """Write the marker (unless catch_up handed over a marked one); prune without a bucket."""
         record = self._record(ckpt_dir.name)
         record.started = time.perf_counter()
+        # The head moves before the marker: a kill between the two leaves a head one step
+        # ahead of the newest complete checkpoint (--resume latest walks back along its line
+        # to it), never a complete checkpoint the head does not name (one checkpoint lost).
+        try:
+            lineage.move_local(ckpt_dir.parent, lineage.head_of(ckpt_dir))
+        except (OSError, ValueError, KeyError) as err:
+            self.log(f"could not record {ckpt_dir.name} as the run's head ({first_line(err)})")
         try:
             if not (ckpt_dir / checkpoint.MARKER).exists():
                 checkpoint.write_manifest(ckpt_dir)
@@ -269,10 +276,6 @@ class CheckpointPublisher:
             self._finish(ckpt_dir.name, uploaded=False, reason="not complete")
             return False
         record.marked = True
-        try:
-            lineage.move_local(ckpt_dir.parent, lineage.head_of(ckpt_dir))
-        except (OSError, ValueError, KeyError) as err:
-            self.log(f"could not record {ckpt_dir.name} as the run's head ({first_line(err)})")
         if self.store is None:
             self._finish(ckpt_dir.name, uploaded=False)
             self._prune(ckpt_dir.parent)
