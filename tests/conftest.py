@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gcs_emulator import GcsEmulator
+from helpers import end_leftovers
 
 _bucket_ids = itertools.count()
 
@@ -61,6 +62,13 @@ def _uses_a_module_fixture(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)  # pytest keeps no public accessor for this
     return info is not None and any(d.scope == "module" for defs in
                                     info.name2fixturedefs.values() for d in defs)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """Whatever a test started and left running ends with the test (helpers.Watched)."""
+    yield
+    end_leftovers()
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,19 @@ def ring_ports() -> list[str]:
         return ["--starting-port", str(port)]
 
 
+_STARTED: list[Watched] = []  # the running test's processes (conftest ends what is left)
+
+
+def end_leftovers() -> None:
+    """Kill the running test's processes that are still running, with all they started: a
+    failed assert skips the test's own kill, and a leftover train.py would load the machine
+    for the rest of the suite. (A process already reaped is skipped: its id may be reused.)"""
+    while _STARTED:
+        started = _STARTED.pop()
+        if started.proc.poll() is None:
+            started.kill()
+
+
 class Watched:
     """A real process in its own session (a failed test ends it and all it started), output
     to files so a test can watch it while it runs. ``merge_output`` sends stderr to stdout."""
@@ -88,6 +101,7 @@ class Watched:
             self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out,
                                          stderr=subprocess.STDOUT if merge_output else err,
                                          start_new_session=True)
+        _STARTED.append(self)
         self._progress: tuple[float, int] = (-1.0, -1)
         self._progress_at = self._checked_at = time.monotonic()
 
