@@ -24,6 +24,7 @@ from utils.errors import ConfigError, TrainingError
 from utils.loop.callbacks import Callback, Evaluation
 from utils.loop.schedule import Schedule
 from utils.loop.trainer import Trainer
+from utils.storage import open_store
 
 
 def _steps(names: list) -> list[int]:
@@ -329,3 +330,17 @@ def test_a_head_ahead_of_its_newest_marker_resumes_from_the_one_before(sample_da
     Trainer(fake_config(sample_data, out, max_steps=10, save_steps=4, resume="latest",
                         overwrite=False), second).run()
     assert len(second.seen) == 6  # steps 5-10, after step 4's checkpoint
+
+
+def test_a_bucket_head_ahead_of_its_newest_marker_resumes_from_the_one_before(sample_data,
+                                                                              tmp_path):
+    """The same in the bucket, read from a fresh machine (no local checkpoints): the head is
+    written there just before the marker, a kill between them leaves step 8 unmarked."""
+    out, bucket = tmp_path / "run", tmp_path / "bucket"
+    config = fake_config(sample_data, out, max_steps=8, save_steps=4, bucket=str(bucket))
+    Trainer(config, FakeEngine()).run()
+    store, prefix = open_store(str(bucket)), f"checkpoints/{config.run_name}"
+    assert lineage.read_remote(store, prefix)["checkpoint"] == "checkpoint-epoch0-step8-files1"
+    store.child(f"{prefix}/checkpoint-epoch0-step8-files1").delete(MARKER)
+    fresh = tmp_path / "fresh" / "checkpoints"
+    assert choose_resume("latest", fresh, store, prefix).name == "checkpoint-epoch0-step4-files1"

@@ -343,7 +343,6 @@ class CheckpointPublisher:
             self.log(f"checkpoint {ckpt_dir.name} not uploaded: {reason}; it stays local")
             self._finish(ckpt_dir.name, uploaded=False, reason=reason)
         else:
-            self._move_remote_head(ckpt_dir)
             self._finish(ckpt_dir.name, uploaded=True)
             self.log(f"uploaded {ckpt_dir.name} ({record.sent / 1e6:.0f} of "
                      f"{record.size / 1e6:.0f} MB sent) in {record.finished - record.started:.1f}"
@@ -351,7 +350,9 @@ class CheckpointPublisher:
         self._prune(ckpt_dir.parent)
 
     def _move_remote_head(self, ckpt_dir: Path) -> None:
-        """The bucket's head follows the line once the checkpoint counts there."""
+        """The bucket's head follows the line, moved just before the checkpoint's marker there
+        (as locally, see ``_mark``): a kill between the two leaves a head a step ahead of the
+        bucket's newest complete checkpoint, which a resume walks back from."""
         try:
             lineage.move_remote(self.store, self.remote_prefix, lineage.head_of(ckpt_dir))
         except (OSError, ValueError, KeyError, StorageError) as err:
@@ -420,8 +421,9 @@ class CheckpointPublisher:
         remote = {o.name: o for o in target.list()}
         if checkpoint.MARKER in remote:
             theirs = target.read_bytes(checkpoint.MARKER)
-            if theirs == marker:
-                return  # already published (catch_up after a kill between marker and log)
+            if theirs == marker:  # already published (catch_up after a kill between the
+                self._move_remote_head(ckpt_dir)  # marker and the log line)
+                return
             ours, owner = lineage.marker_run_id(marker), lineage.marker_run_id(theirs)
             if owner and owner != ours:
                 raise RunConflict(f"{target.url} belongs to another run (run id {owner}, this "
@@ -446,6 +448,7 @@ class CheckpointPublisher:
             if not _same(now.get(name), info):
                 raise StorageError(f"{target.url}/{name} does not match the local file after "
                                    f"upload; uploading the checkpoint again")
+        self._move_remote_head(ckpt_dir)
         self._create(target, checkpoint.MARKER, None, lambda: target.write_bytes(
             checkpoint.MARKER, marker, if_absent=True))
         record.sent += len(marker)
