@@ -187,6 +187,9 @@ while :; do
   # A script's background command ignores SIGINT; training gets Ctrl-C's default back.
   ( trap - INT QUIT; exec "${RUN[@]}" ) &
   CHILD=$!
+  # A signal between the fork and the line above found no CHILD to pass on to (a loaded
+  # machine can run training's start-up before this shell runs again): pass it on now.
+  [ -z "$STOP" ] || kill -s "$STOP" "$CHILD" 2>/dev/null || true
   while :; do  # a trapped signal interrupts wait: wait again for training's own status
     STATUS=0; SIGNALLED=$STOP
     wait "$CHILD" || STATUS=$?

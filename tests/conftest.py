@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,7 +67,12 @@ def _uses_a_module_fixture(item: pytest.Item) -> bool:
 
 @pytest.fixture(autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
-    """Whatever a test started and left running ends with the test (helpers.Watched)."""
+    """Each test starts its processes as a fresh shell would: Ctrl-C and SIGTERM at their
+    defaults (an in-process run earlier in this worker may have left SIGINT ignored, which
+    every child would inherit, and bash cannot trap a signal ignored at its start). Whatever
+    a test started and left running ends with the test (helpers.Watched)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     end_leftovers()
 
