@@ -247,8 +247,10 @@ class TorchEngine:
                    target_count: float | None = None) -> None:
         """Accumulate over the micro-batches (DDP syncs on the last), clip, step; GRPO with
         ``--grpo-epochs E`` makes E such updates over one rollout (``train_passes``), the
-        schedule still counts loop steps. ``step`` needs no use here: the scheduler and the
-        RNG states carry it."""
+        schedule still counts loop steps. ``step`` sets the step's learning rate (the
+        scheduler would set the same, but not a rollback's calm on its first step: the
+        optimizer state loaded with the checkpoint holds the rate from before); the RNG
+        states carry the rest."""
         started = time.perf_counter()
         for group in self.optimizer.param_groups:  # the step's rate, a rollback's calm included
             group["lr"] = group["initial_lr"] * self.schedule.factor(step)
